@@ -1,0 +1,1 @@
+"""kmsclient: a KMS client that activates against, verifies and loads KMS hosts."""

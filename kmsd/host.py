@@ -1,0 +1,153 @@
+"""The KMS host: a request's bytes in, the response's bytes out (PROTOCOL.md §5).
+
+Pure: time and randomness are passed in; the client count comes from a CountStore.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from dataclasses import dataclass, field
+from uuid import UUID
+
+from .cache import MAX_REQUIRED_COUNT, CountStore
+from .protocol.crypto import RandomSource
+from .protocol.epid import generate_epid
+from .protocol.errors import HResult, KmsError
+from .protocol.kms import BaseRequest, BaseResponse, decode_request, encode_response
+from .protocol.products import ProductDatabase, products
+
+FILETIME_UNIX_EPOCH = 116444736000000000  # 1970-01-01 in 100 ns units since 1601-01-01
+DEFAULT_ACTIVATION_INTERVAL = 120  # minutes
+DEFAULT_RENEWAL_INTERVAL = 10080  # minutes (7 days)
+
+
+def filetime(unix: float) -> int:
+    return FILETIME_UNIX_EPOCH + int(unix * 10_000_000)
+
+
+def unix_time(filetime_value: int) -> float:
+    return (filetime_value - FILETIME_UNIX_EPOCH) / 10_000_000
+
+
+@dataclass
+class HostIdentity:
+    """What a client sees of the host beyond the count: its HWID and ePIDs.
+
+    `epids` maps a host-key family (Csvlk.key) to the ePID generated for it; `overrides`
+    maps a KMS counted ID to an ePID the operator set.
+    """
+
+    hwid: bytes
+    epids: dict[str, str] = field(default_factory=dict)
+    overrides: dict[UUID, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class HostPolicy:
+    activation_interval: int = DEFAULT_ACTIVATION_INTERVAL
+    renewal_interval: int = DEFAULT_RENEWAL_INTERVAL
+    strict: bool = False  # refuse unknown, retail and preview KMS IDs and App/KMS mismatches
+    verify: bool = True  # check V4 MACs and V5/V6 padding of requests
+    max_clock_skew: float | None = None  # seconds; None: any request time is accepted
+
+
+@dataclass(frozen=True, slots=True)
+class Activation:
+    """One answered request, for logs and metrics."""
+
+    request: BaseRequest
+    count: int
+    epid: str
+    product: str
+    application: str
+    known: bool
+
+
+class KmsHost:
+    def __init__(
+        self,
+        counter: CountStore,
+        identity: HostIdentity,
+        policy: HostPolicy = HostPolicy(),
+        *,
+        random: RandomSource = os.urandom,
+        database: ProductDatabase | None = None,
+    ) -> None:
+        self.counter = counter
+        self.identity = identity
+        self.policy = policy
+        self.random = random
+        self.products = database or products()
+
+    def epid_for(self, application: UUID, kms_id: UUID, now: float) -> str:
+        if (epid := self.identity.overrides.get(kms_id)) is not None:
+            return epid
+        csvlk = self.products.csvlk_for(application, kms_id)
+        epid = self.identity.epids.get(csvlk.key)
+        if epid is None:
+            today = dt.datetime.fromtimestamp(now, dt.UTC).date()
+            epid = str(generate_epid(csvlk, today=today, random=self.random))
+            self.identity.epids[csvlk.key] = epid
+        return epid
+
+    def check(self, base: BaseRequest, now: float) -> None:
+        """Apply the host's policy; raises KmsError with the HRESULT to answer."""
+        if base.required_count > MAX_REQUIRED_COUNT:
+            raise KmsError(
+                HResult.INVALID_DATA,
+                f"N-count policy {base.required_count} exceeds {MAX_REQUIRED_COUNT}",
+            )
+        skew = self.policy.max_clock_skew
+        if skew is not None and abs(unix_time(base.request_time) - now) > skew:
+            raise KmsError(
+                HResult.INVALID_TIMESTAMP,
+                f"request time {unix_time(base.request_time) - now:+.0f} s off",
+            )
+        if self.policy.strict:
+            item = self.products.kms_items.get(base.kms_id)
+            if item is None:
+                raise KmsError(HResult.KMS_ID_MISMATCH, f"unknown KMS ID {base.kms_id}")
+            if item.retail or item.preview:
+                kind = "retail" if item.retail else "preview"
+                raise KmsError(HResult.KMS_ID_MISMATCH, f"{item.name} is a {kind} product")
+            if item.application.id != base.application_id:
+                raise KmsError(
+                    HResult.KMS_ID_MISMATCH,
+                    f"{item.name} sent with application {base.application_id}",
+                )
+
+    def answer(self, message: bytes, now: float) -> tuple[bytes, Activation]:
+        """Answer one KMS request; raises KmsError when the answer is an HRESULT."""
+        request = decode_request(message, verify=self.policy.verify)
+        base = request.base
+        self.check(base, now)
+        count = self.counter.record(
+            base.application_id, base.client_machine_id, base.required_count, now
+        )
+        epid = self.epid_for(base.application_id, base.kms_id, now)
+        response = BaseResponse(
+            major=base.major,
+            minor=base.minor,
+            epid=epid,
+            client_machine_id=base.client_machine_id,
+            request_time=base.request_time,
+            count=count,
+            activation_interval=self.policy.activation_interval,
+            renewal_interval=self.policy.renewal_interval,
+        )
+        salt = self.random(16) if request.major >= 5 else b""
+        response_iv = self.random(16) if request.major >= 6 else b""
+        payload = encode_response(
+            request, response, salt=salt, response_iv=response_iv, hwid=self.identity.hwid
+        )
+        app = self.products.applications.get(base.application_id)
+        activation = Activation(
+            request=base,
+            count=count,
+            epid=epid,
+            product=self.products.product_name(base.sku_id, base.kms_id, base.application_id),
+            application=app.name if app else str(base.application_id),
+            known=base.kms_id in self.products.kms_items,
+        )
+        return payload, activation

@@ -1,0 +1,362 @@
+"""The server side of one DCE-RPC connection, sans-IO (PROTOCOL.md §3, §5.1, §8).
+
+Feed it the bytes that arrive; it answers binds and alter_contexts itself and hands
+back each complete RequestActivation call for the host to answer. It never raises on
+input: whatever a peer sends ends as a reply, a fault, a bind_nak or a Close.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from . import ndr
+from .errors import FaultStatus, StubError
+from .rpc import (
+    HEADER_SIZE,
+    KMS_INTERFACE,
+    NDR32,
+    NDR64,
+    RPC_VERSION,
+    WHOLE,
+    Bind,
+    BindAck,
+    BindNak,
+    ContextResult,
+    Fault,
+    Flags,
+    NakReason,
+    OtherPdu,
+    PduError,
+    PType,
+    Reason,
+    Request,
+    Response,
+    Result,
+    Syntax,
+    btfn_features,
+    frag_length_of,
+    parse_header,
+    parse_pdu,
+)
+
+BTFN_SUPPORTED = 0x0003  # security context multiplexing, keep connection on orphan
+MIN_FRAGMENT = 32  # a response fragment must carry at least a few stub bytes
+MAX_PENDING_CALLS = 4  # requests being reassembled at once on one connection
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Bytes to write to the peer; `problem` says what was wrong with the input, if anything."""
+
+    data: bytes
+    problem: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """Stop reading and close the connection after writing what came before."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """A complete RequestActivation call for the host to answer."""
+
+    call_id: int
+    context_id: int
+    ndr64: bool
+    payload: bytes
+    max_fragment: int
+
+    def reply(self, kms_response: bytes) -> bytes:
+        return self._respond(ndr.wrap_response(kms_response, self.ndr64))
+
+    def reply_error(self, hresult: int) -> bytes:
+        return self._respond(ndr.wrap_error(hresult, self.ndr64))
+
+    def _respond(self, stub: bytes) -> bytes:
+        room = self.max_fragment - 24
+        if len(stub) <= room:
+            return Response(self.call_id, self.context_id, stub).encode()
+        out = []
+        for at in range(0, len(stub), room):
+            flags = (Flags.FIRST_FRAG if at == 0 else 0) | (
+                Flags.LAST_FRAG if at + room >= len(stub) else 0
+            )
+            out.append(
+                Response(
+                    self.call_id,
+                    self.context_id,
+                    stub[at : at + room],
+                    flags,
+                    alloc_hint=len(stub) - at,
+                ).encode()
+            )
+        return b"".join(out)
+
+
+Event = Send | Close | Call
+
+
+class AssociationGroups:
+    """Association group ids shared by the connections of one server."""
+
+    def __init__(self, first: int) -> None:
+        self._next = first & 0xFFFFFFFF or 1
+        self._members: dict[int, int] = {}
+
+    def join(self, requested: int) -> int:
+        """Join the requested group if it exists, else open a new one; returns its id."""
+        if requested in self._members:
+            self._members[requested] += 1
+            return requested
+        while self._next in self._members or self._next == 0:
+            self._next = (self._next + 1) & 0xFFFFFFFF
+        group = self._next
+        self._next = (self._next + 1) & 0xFFFFFFFF
+        self._members[group] = 1
+        return group
+
+    def leave(self, group: int) -> None:
+        if group in self._members:
+            self._members[group] -= 1
+            if not self._members[group]:
+                del self._members[group]
+
+    def __len__(self) -> int:
+        return len(self._members)
+
+
+@dataclass(slots=True)
+class _Partial:
+    context_id: int
+    opnum: int
+    parts: list[bytes] = field(default_factory=list)
+    size: int = 0
+
+
+class ServerConnection:
+    """State of one connection: bound contexts, association group, fragments in flight."""
+
+    def __init__(
+        self,
+        *,
+        port: int,
+        groups: AssociationGroups,
+        ndr64: bool = True,
+        btfn: bool = True,
+        max_pdu: int = 5840,
+        max_call: int = 16384,
+    ) -> None:
+        self._sec_addr = str(port).encode("ascii")
+        self._groups = groups
+        self._ndr64 = ndr64
+        self._btfn = btfn
+        self._max_pdu = max_pdu
+        self._max_call = max_call
+        self._buffer = bytearray()
+        self._contexts: dict[int, bool] = {}  # p_cont_id -> is NDR64
+        self._group = 0
+        self._max_fragment = max_pdu
+        self._partials: dict[int, _Partial] = {}
+        self.closed = False
+
+    def feed(self, data: bytes) -> list[Event]:
+        """Take bytes from the peer; returns what to do, in order."""
+        if self.closed:
+            return []
+        self._buffer += data
+        events: list[Event] = []
+        while len(self._buffer) >= HEADER_SIZE and not self.closed:
+            length = frag_length_of(self._buffer)
+            if length < HEADER_SIZE or length > self._max_pdu:
+                events.append(self._close(f"PDU frag_length {length} outside 16..{self._max_pdu}"))
+                break
+            if len(self._buffer) < length:
+                break
+            pdu = bytes(self._buffer[:length])
+            del self._buffer[:length]
+            events.extend(self._handle(pdu))
+        return events
+
+    def pending_bytes(self) -> int:
+        """Bytes received but not yet handled (a PDU still arriving)."""
+        return len(self._buffer) + sum(p.size for p in self._partials.values())
+
+    def close(self) -> None:
+        """Release what the connection holds (its association group)."""
+        self.closed = True
+        if self._group:
+            self._groups.leave(self._group)
+            self._group = 0
+
+    def _close(self, reason: str) -> Close:
+        self.close()
+        return Close(reason)
+
+    def _handle(self, data: bytes) -> list[Event]:
+        h = parse_header(data)
+        is_bind = h.ptype in (PType.BIND, PType.ALTER_CONTEXT)
+        if h.version != RPC_VERSION:
+            problem = f"RPC version {h.version[0]}.{h.version[1]} not supported"
+            if is_bind:
+                return self._nak(h.call_id, NakReason.PROTOCOL_VERSION_NOT_SUPPORTED, problem)
+            if h.ptype == PType.REQUEST:
+                return [
+                    self._fault(h.call_id, 0, FaultStatus.PROTO_ERROR, problem),
+                    self._close(problem),
+                ]
+            return [self._close(problem)]
+        if h.auth_length and is_bind:
+            return self._nak(
+                h.call_id,
+                NakReason.AUTHENTICATION_TYPE_NOT_RECOGNIZED,
+                "authenticated bind; KMS is anonymous",
+            )
+        try:
+            pdu = parse_pdu(data)
+        except PduError as exc:
+            if is_bind:
+                return self._nak(h.call_id, NakReason.NOT_SPECIFIED, str(exc))
+            if h.ptype == PType.REQUEST:
+                return [self._fault(h.call_id, 0, FaultStatus.PROTO_ERROR, str(exc))]
+            return [self._close(str(exc))]
+        if isinstance(pdu, Bind):
+            return [self._bind(pdu)]
+        if isinstance(pdu, Request):
+            return self._request(pdu)
+        if isinstance(pdu, OtherPdu) and pdu.header.ptype in (PType.CO_CANCEL, PType.ORPHANED):
+            # Calls are answered as soon as they are complete; nothing is left to cancel.
+            self._partials.pop(pdu.header.call_id, None)
+            return []
+        return [self._close(f"unexpected PDU type {h.ptype} from a client")]
+
+    def _nak(self, call_id: int, reason: NakReason, problem: str) -> list[Event]:
+        return [Send(BindNak(call_id, reason).encode(), problem), self._close(problem)]
+
+    def _fault(self, call_id: int, context_id: int, status: FaultStatus, problem: str) -> Send:
+        return Send(Fault(call_id, context_id, status).encode(), problem)
+
+    def _bind(self, bind: Bind) -> Send:
+        if not self._group:
+            self._group = self._groups.join(bind.assoc_group)
+        ndr64_possible = self._ndr64 and any(NDR64 in c.transfers for c in bind.contexts)
+        results = []
+        for ctx in bind.contexts:
+            result = self._negotiate(ctx.abstract, ctx.transfers, ndr64_possible)
+            if result.result == Result.ACCEPTANCE:
+                self._contexts[ctx.context_id] = result.syntax == NDR64
+            results.append(result)
+        if not bind.alter:
+            self._max_fragment = max(MIN_FRAGMENT, min(bind.max_recv_frag, self._max_pdu))
+        ack = BindAck(
+            call_id=bind.call_id,
+            results=tuple(results),
+            sec_addr=b"" if bind.alter else self._sec_addr,
+            # Echo the multiplexing bit in bind_ack only (PROTOCOL.md §3.3).
+            flags=WHOLE | (0 if bind.alter else bind.flags & Flags.CONC_MPX),
+            max_xmit_frag=min(bind.max_recv_frag, self._max_pdu),
+            max_recv_frag=min(bind.max_xmit_frag, self._max_pdu),
+            assoc_group=self._group,
+            alter=bind.alter,
+        )
+        return Send(ack.encode())
+
+    def _negotiate(
+        self, abstract: Syntax, transfers: tuple[Syntax, ...], ndr64_possible: bool
+    ) -> ContextResult:
+        for syntax in transfers:
+            offered = btfn_features(syntax)
+            if offered is not None:
+                if self._btfn:
+                    return ContextResult(Result.NEGOTIATE_ACK, offered & BTFN_SUPPORTED)
+                return ContextResult(
+                    Result.PROVIDER_REJECTION, Reason.TRANSFER_SYNTAXES_NOT_SUPPORTED
+                )
+        if abstract != KMS_INTERFACE:
+            return ContextResult(Result.PROVIDER_REJECTION, Reason.ABSTRACT_SYNTAX_NOT_SUPPORTED)
+        wanted = NDR64 if ndr64_possible else NDR32
+        if wanted in transfers:
+            return ContextResult(Result.ACCEPTANCE, 0, wanted)
+        return ContextResult(Result.PROVIDER_REJECTION, Reason.TRANSFER_SYNTAXES_NOT_SUPPORTED)
+
+    def _request(self, req: Request) -> list[Event]:
+        first = bool(req.flags & Flags.FIRST_FRAG)
+        last = bool(req.flags & Flags.LAST_FRAG)
+        if not (first and last):
+            stub = self._reassemble(req, first, last)
+            if isinstance(stub, Send):
+                return [stub]
+            if stub is None:
+                return []
+            partial, whole = stub
+            req = Request(req.call_id, partial.context_id, whole, partial.opnum)
+        ndr64 = self._contexts.get(req.context_id)
+        if ndr64 is None:
+            return [
+                self._fault(
+                    req.call_id,
+                    req.context_id,
+                    FaultStatus.UNK_IF,
+                    f"request on unbound presentation context {req.context_id}",
+                )
+            ]
+        if req.opnum != 0:
+            return [
+                self._fault(
+                    req.call_id,
+                    req.context_id,
+                    FaultStatus.OP_RNG_ERROR,
+                    f"opnum {req.opnum}; the KMS interface has only opnum 0",
+                )
+            ]
+        try:
+            payload = ndr.unwrap_request(req.stub, ndr64)
+        except StubError as exc:
+            return [
+                self._fault(
+                    req.call_id,
+                    req.context_id,
+                    FaultStatus.BAD_STUB_DATA,
+                    f"bad {'NDR64' if ndr64 else 'NDR32'} stub: {exc}",
+                )
+            ]
+        return [Call(req.call_id, req.context_id, ndr64, payload, self._max_fragment)]
+
+    def _reassemble(
+        self, req: Request, first: bool, last: bool
+    ) -> Send | tuple[_Partial, bytes] | None:
+        if first:
+            if len(self._partials) >= MAX_PENDING_CALLS:
+                return self._fault(
+                    req.call_id,
+                    req.context_id,
+                    FaultStatus.PROTO_ERROR,
+                    f"more than {MAX_PENDING_CALLS} fragmented calls at once",
+                )
+            partial = self._partials[req.call_id] = _Partial(req.context_id, req.opnum)
+        else:
+            found = self._partials.get(req.call_id)
+            if found is None:
+                return self._fault(
+                    req.call_id,
+                    req.context_id,
+                    FaultStatus.PROTO_ERROR,
+                    f"fragment of call {req.call_id} without a first fragment",
+                )
+            partial = found
+        partial.parts.append(req.stub)
+        partial.size += len(req.stub)
+        if partial.size > self._max_call:
+            del self._partials[req.call_id]
+            return self._fault(
+                req.call_id,
+                partial.context_id,
+                FaultStatus.PROTO_ERROR,
+                f"fragmented call exceeds {self._max_call} bytes",
+            )
+        if not last:
+            return None
+        del self._partials[req.call_id]
+        return partial, b"".join(partial.parts)

@@ -1,0 +1,395 @@
+"""Block ciphers and MACs of the KMS protocol (PROTOCOL.md §4.4, §4.5, §4.8).
+
+V5 is plain AES-128 and uses `cryptography`. V4's 160-bit-key Rijndael and V6's AES with
+three altered round-key bytes cannot be expressed with a standard library, so they are
+written here once, as a table-driven Rijndael that serves both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import struct
+from collections.abc import Callable
+from typing import Protocol
+
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+K4 = bytes.fromhex("053d8307f9e5f088eb5ea6686cf037c7e4efd2d6")
+K5 = bytes.fromhex("cd7e796f2ab25dcb55ffc8ef8364c470")
+K6 = bytes.fromhex("a94a4195e201432d9bcb460405d84a21")
+
+# V6 HMAC key derivation constants (PROTOCOL.md §4.8).
+C1 = 0x00000022816889BD
+C2 = 0x000000208CBAB5ED
+C3 = 0x3156CD5AC628477A
+
+BLOCK = 16
+
+
+def _gf_mul(a: int, b: int) -> int:
+    product = 0
+    while b:
+        if b & 1:
+            product ^= a
+        a = ((a << 1) ^ 0x11B) if a & 0x80 else (a << 1)
+        b >>= 1
+    return product
+
+
+def _make_sbox() -> tuple[list[int], list[int]]:
+    inverse = [0] * 256
+    for x in range(1, 256):
+        for y in range(1, 256):
+            if _gf_mul(x, y) == 1:
+                inverse[x] = y
+                break
+    sbox = [0] * 256
+    for x in range(256):
+        b = inverse[x]
+        s = b
+        for shift in range(1, 5):
+            s ^= ((b << shift) | (b >> (8 - shift))) & 0xFF
+        sbox[x] = s ^ 0x63
+    inv_sbox = [0] * 256
+    for x, s in enumerate(sbox):
+        inv_sbox[s] = x
+    return sbox, inv_sbox
+
+
+SBOX, INV_SBOX = _make_sbox()
+
+
+def _ror8(w: int) -> int:
+    return ((w >> 8) | (w << 24)) & 0xFFFFFFFF
+
+
+def _tables(
+    box: list[int], coeffs: tuple[int, int, int, int]
+) -> tuple[list[int], list[int], list[int], list[int]]:
+    t0 = []
+    for x in range(256):
+        s = box[x]
+        c0, c1, c2, c3 = (_gf_mul(s, c) for c in coeffs)
+        t0.append((c0 << 24) | (c1 << 16) | (c2 << 8) | c3)
+    t1 = [_ror8(w) for w in t0]
+    t2 = [_ror8(w) for w in t1]
+    t3 = [_ror8(w) for w in t2]
+    return t0, t1, t2, t3
+
+
+TE = _tables(SBOX, (2, 1, 1, 3))
+TD = _tables(INV_SBOX, (14, 9, 13, 11))
+_RCON = [0x01, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40, 0x80, 0x1B, 0x36]
+
+# Round-key word index -> XOR mask: byte 0 of round keys 4, 6 and 8 (PROTOCOL.md §4.4).
+V6_TWEAK = {16: 0x73 << 24, 24: 0x09 << 24, 32: 0xE4 << 24}
+
+
+def _sub_word(w: int) -> int:
+    return (
+        (SBOX[w >> 24] << 24)
+        | (SBOX[(w >> 16) & 0xFF] << 16)
+        | (SBOX[(w >> 8) & 0xFF] << 8)
+        | SBOX[w & 0xFF]
+    )
+
+
+def expand_key(key: bytes, tweak: dict[int, int] | None = None) -> list[int]:
+    """Rijndael key expansion for a 128-bit block (Nk = len(key)/4, Nr = Nk + 6)."""
+    nk = len(key) // 4
+    if len(key) % 4 or not 4 <= nk <= 8:
+        raise ValueError("Rijndael key must be 16 to 32 bytes in 4-byte steps")
+    words = list(struct.unpack(f">{nk}I", key))
+    for i in range(nk, 4 * (nk + 7)):
+        t = words[i - 1]
+        if i % nk == 0:
+            t = _sub_word(((t << 8) | (t >> 24)) & 0xFFFFFFFF) ^ (_RCON[i // nk - 1] << 24)
+        elif nk > 6 and i % nk == 4:
+            t = _sub_word(t)
+        words.append(words[i - nk] ^ t)
+    for index, mask in (tweak or {}).items():
+        words[index] ^= mask
+    return words
+
+
+class BlockCipher(Protocol):
+    def encrypt_block(self, block: bytes) -> bytes: ...
+    def decrypt_block(self, block: bytes) -> bytes: ...
+    def cbc_encrypt(self, iv: bytes, data: bytes) -> bytes: ...
+    def cbc_decrypt(self, iv: bytes, data: bytes) -> bytes: ...
+
+
+class Rijndael:
+    """Rijndael with a 128-bit block, any standard key size, optionally altered round keys."""
+
+    def __init__(self, key: bytes, tweak: dict[int, int] | None = None) -> None:
+        ek = expand_key(key, tweak)
+        self.rounds = len(ek) // 4 - 1
+        self._ek = ek
+        # Equivalent inverse cipher: reversed round keys, InvMixColumns on the inner ones.
+        dk: list[int] = []
+        for r in range(self.rounds, -1, -1):
+            rk = ek[4 * r : 4 * r + 4]
+            if 0 < r < self.rounds:
+                rk = [self._inv_mix(w) for w in rk]
+            dk.extend(rk)
+        self._dk = dk
+
+    @staticmethod
+    def _inv_mix(w: int) -> int:
+        d0, d1, d2, d3 = TD
+        return (
+            d0[SBOX[w >> 24]]
+            ^ d1[SBOX[(w >> 16) & 0xFF]]
+            ^ d2[SBOX[(w >> 8) & 0xFF]]
+            ^ d3[SBOX[w & 0xFF]]
+        )
+
+    def _encrypt(self, s0: int, s1: int, s2: int, s3: int) -> tuple[int, int, int, int]:
+        t0_, t1_, t2_, t3_ = TE
+        rk = self._ek
+        s0 ^= rk[0]
+        s1 ^= rk[1]
+        s2 ^= rk[2]
+        s3 ^= rk[3]
+        k = 4
+        for _ in range(self.rounds - 1):
+            s0, s1, s2, s3 = (
+                t0_[s0 >> 24]
+                ^ t1_[(s1 >> 16) & 255]
+                ^ t2_[(s2 >> 8) & 255]
+                ^ t3_[s3 & 255]
+                ^ rk[k],
+                t0_[s1 >> 24]
+                ^ t1_[(s2 >> 16) & 255]
+                ^ t2_[(s3 >> 8) & 255]
+                ^ t3_[s0 & 255]
+                ^ rk[k + 1],
+                t0_[s2 >> 24]
+                ^ t1_[(s3 >> 16) & 255]
+                ^ t2_[(s0 >> 8) & 255]
+                ^ t3_[s1 & 255]
+                ^ rk[k + 2],
+                t0_[s3 >> 24]
+                ^ t1_[(s0 >> 16) & 255]
+                ^ t2_[(s1 >> 8) & 255]
+                ^ t3_[s2 & 255]
+                ^ rk[k + 3],
+            )
+            k += 4
+        sb = SBOX
+        return (
+            (
+                (sb[s0 >> 24] << 24)
+                | (sb[(s1 >> 16) & 255] << 16)
+                | (sb[(s2 >> 8) & 255] << 8)
+                | sb[s3 & 255]
+            )
+            ^ rk[k],
+            (
+                (sb[s1 >> 24] << 24)
+                | (sb[(s2 >> 16) & 255] << 16)
+                | (sb[(s3 >> 8) & 255] << 8)
+                | sb[s0 & 255]
+            )
+            ^ rk[k + 1],
+            (
+                (sb[s2 >> 24] << 24)
+                | (sb[(s3 >> 16) & 255] << 16)
+                | (sb[(s0 >> 8) & 255] << 8)
+                | sb[s1 & 255]
+            )
+            ^ rk[k + 2],
+            (
+                (sb[s3 >> 24] << 24)
+                | (sb[(s0 >> 16) & 255] << 16)
+                | (sb[(s1 >> 8) & 255] << 8)
+                | sb[s2 & 255]
+            )
+            ^ rk[k + 3],
+        )
+
+    def _decrypt(self, s0: int, s1: int, s2: int, s3: int) -> tuple[int, int, int, int]:
+        t0_, t1_, t2_, t3_ = TD
+        rk = self._dk
+        s0 ^= rk[0]
+        s1 ^= rk[1]
+        s2 ^= rk[2]
+        s3 ^= rk[3]
+        k = 4
+        for _ in range(self.rounds - 1):
+            s0, s1, s2, s3 = (
+                t0_[s0 >> 24]
+                ^ t1_[(s3 >> 16) & 255]
+                ^ t2_[(s2 >> 8) & 255]
+                ^ t3_[s1 & 255]
+                ^ rk[k],
+                t0_[s1 >> 24]
+                ^ t1_[(s0 >> 16) & 255]
+                ^ t2_[(s3 >> 8) & 255]
+                ^ t3_[s2 & 255]
+                ^ rk[k + 1],
+                t0_[s2 >> 24]
+                ^ t1_[(s1 >> 16) & 255]
+                ^ t2_[(s0 >> 8) & 255]
+                ^ t3_[s3 & 255]
+                ^ rk[k + 2],
+                t0_[s3 >> 24]
+                ^ t1_[(s2 >> 16) & 255]
+                ^ t2_[(s1 >> 8) & 255]
+                ^ t3_[s0 & 255]
+                ^ rk[k + 3],
+            )
+            k += 4
+        ib = INV_SBOX
+        return (
+            (
+                (ib[s0 >> 24] << 24)
+                | (ib[(s3 >> 16) & 255] << 16)
+                | (ib[(s2 >> 8) & 255] << 8)
+                | ib[s1 & 255]
+            )
+            ^ rk[k],
+            (
+                (ib[s1 >> 24] << 24)
+                | (ib[(s0 >> 16) & 255] << 16)
+                | (ib[(s3 >> 8) & 255] << 8)
+                | ib[s2 & 255]
+            )
+            ^ rk[k + 1],
+            (
+                (ib[s2 >> 24] << 24)
+                | (ib[(s1 >> 16) & 255] << 16)
+                | (ib[(s0 >> 8) & 255] << 8)
+                | ib[s3 & 255]
+            )
+            ^ rk[k + 2],
+            (
+                (ib[s3 >> 24] << 24)
+                | (ib[(s2 >> 16) & 255] << 16)
+                | (ib[(s1 >> 8) & 255] << 8)
+                | ib[s0 & 255]
+            )
+            ^ rk[k + 3],
+        )
+
+    def encrypt_block(self, block: bytes) -> bytes:
+        return struct.pack(">4I", *self._encrypt(*struct.unpack(">4I", block)))
+
+    def decrypt_block(self, block: bytes) -> bytes:
+        return struct.pack(">4I", *self._decrypt(*struct.unpack(">4I", block)))
+
+    def cbc_encrypt(self, iv: bytes, data: bytes) -> bytes:
+        _check_blocks(data)
+        words = struct.unpack(f">{len(data) // 4}I", data)
+        c0, c1, c2, c3 = struct.unpack(">4I", iv)
+        out: list[int] = []
+        encrypt = self._encrypt
+        for i in range(0, len(words), 4):
+            c0, c1, c2, c3 = encrypt(
+                c0 ^ words[i], c1 ^ words[i + 1], c2 ^ words[i + 2], c3 ^ words[i + 3]
+            )
+            out += (c0, c1, c2, c3)
+        return struct.pack(f">{len(out)}I", *out)
+
+    def cbc_decrypt(self, iv: bytes, data: bytes) -> bytes:
+        _check_blocks(data)
+        words = struct.unpack(f">{len(data) // 4}I", data)
+        p0, p1, p2, p3 = struct.unpack(">4I", iv)
+        out: list[int] = []
+        decrypt = self._decrypt
+        for i in range(0, len(words), 4):
+            d0, d1, d2, d3 = decrypt(words[i], words[i + 1], words[i + 2], words[i + 3])
+            out += (d0 ^ p0, d1 ^ p1, d2 ^ p2, d3 ^ p3)
+            p0, p1, p2, p3 = words[i : i + 4]
+        return struct.pack(f">{len(out)}I", *out)
+
+    def cbc_mac(self, data: bytes) -> bytes:
+        """CBC-MAC with a zero IV over data already padded to whole blocks."""
+        _check_blocks(data)
+        words = struct.unpack(f">{len(data) // 4}I", data)
+        s0 = s1 = s2 = s3 = 0
+        encrypt = self._encrypt
+        for i in range(0, len(words), 4):
+            s0, s1, s2, s3 = encrypt(
+                s0 ^ words[i], s1 ^ words[i + 1], s2 ^ words[i + 2], s3 ^ words[i + 3]
+            )
+        return struct.pack(">4I", s0, s1, s2, s3)
+
+
+class Aes:
+    """Standard AES through `cryptography`, with the same interface as Rijndael."""
+
+    def __init__(self, key: bytes) -> None:
+        self._algorithm = algorithms.AES(key)
+        self._ecb = Cipher(self._algorithm, modes.ECB())
+
+    def encrypt_block(self, block: bytes) -> bytes:
+        enc = self._ecb.encryptor()
+        return enc.update(block) + enc.finalize()
+
+    def decrypt_block(self, block: bytes) -> bytes:
+        dec = self._ecb.decryptor()
+        return dec.update(block) + dec.finalize()
+
+    def cbc_encrypt(self, iv: bytes, data: bytes) -> bytes:
+        _check_blocks(data)
+        enc = Cipher(self._algorithm, modes.CBC(iv)).encryptor()
+        return enc.update(data) + enc.finalize()
+
+    def cbc_decrypt(self, iv: bytes, data: bytes) -> bytes:
+        _check_blocks(data)
+        dec = Cipher(self._algorithm, modes.CBC(iv)).decryptor()
+        return dec.update(data) + dec.finalize()
+
+
+def _check_blocks(data: bytes) -> None:
+    if len(data) % BLOCK:
+        raise ValueError(f"data length {len(data)} is not a multiple of {BLOCK}")
+
+
+E4 = Rijndael(K4)
+E5: BlockCipher = Aes(K5)
+E6: BlockCipher = Rijndael(K6, V6_TWEAK)
+
+
+def mac4(message: bytes) -> bytes:
+    """V4 MAC: CBC-MAC under E4 with "10*" padding and no subkeys (PROTOCOL.md §4.5)."""
+    padded = message + b"\x80" + b"\x00" * (-(len(message) + 1) % BLOCK)
+    return E4.cbc_mac(padded)
+
+
+def pkcs7_pad(data: bytes) -> bytes:
+    n = BLOCK - len(data) % BLOCK
+    return data + bytes([n]) * n
+
+
+def pkcs7_unpad(data: bytes) -> bytes | None:
+    """The data without its PKCS#7 padding, or None when the padding is not valid."""
+    if not data or len(data) % BLOCK:
+        return None
+    n = data[-1]
+    if not 1 <= n <= BLOCK or data[-n:] != bytes([n]) * n:
+        return None
+    return data[:-n]
+
+
+def v6_hmac_key(request_time: int) -> bytes:
+    slot = ((request_time // C1) * C2 + C3) & 0xFFFFFFFFFFFFFFFF
+    return hashlib.sha256(slot.to_bytes(8, "little")).digest()[16:]
+
+
+def v6_mac(request_time: int, data: bytes) -> bytes:
+    return hmac.new(v6_hmac_key(request_time), data, hashlib.sha256).digest()[16:]
+
+
+def sha256(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+def xor16(a: bytes, b: bytes) -> bytes:
+    return (int.from_bytes(a, "big") ^ int.from_bytes(b, "big")).to_bytes(BLOCK, "big")
+
+
+RandomSource = Callable[[int], bytes]

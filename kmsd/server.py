@@ -1,0 +1,196 @@
+"""asyncio TCP adapter: sockets in, the sans-IO connection and host in between, sockets out."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from .host import KmsHost
+from .protocol.connection import AssociationGroups, Call, Close, Send, ServerConnection
+from .protocol.errors import KmsError
+
+log = structlog.get_logger("kmsd")
+
+DEFAULT_PORT = 1688
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    listen: tuple[tuple[str, int], ...] = (("0.0.0.0", DEFAULT_PORT), ("::", DEFAULT_PORT))
+    idle_timeout: float = 30.0  # seconds without a byte before a connection is closed
+    max_connections: int = 1000
+    max_pdu: int = 5840  # bytes; also the largest fragment offered in bind_ack
+    ndr64: bool = True
+    btfn: bool = True
+    groups_seed: int = field(default_factory=lambda: int.from_bytes(os.urandom(4), "little"))
+
+
+class KmsServer:
+    """Listens on the configured addresses and serves every connection until stopped."""
+
+    def __init__(
+        self,
+        host: KmsHost,
+        settings: ServerSettings = ServerSettings(),
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.host = host
+        self.settings = settings
+        self.clock = clock
+        self.groups = AssociationGroups(settings.groups_seed)
+        self.connections: set[_KmsProtocol] = set()
+        self._servers: list[asyncio.Server] = []
+        self.addresses: list[tuple[str, int]] = []
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        for host, port in self.settings.listen:
+            try:
+                server = await loop.create_server(
+                    lambda: _KmsProtocol(self),
+                    host,
+                    port,
+                    reuse_address=True,
+                    family=socket.AF_INET6 if ":" in host else socket.AF_INET,
+                )
+            except OSError as exc:
+                await self.stop()
+                raise OSError(
+                    exc.errno, f"cannot listen on {_fmt(host, port)}: {exc.strerror}"
+                ) from None
+            self._servers.append(server)
+            for sock in server.sockets:
+                addr = sock.getsockname()
+                self.addresses.append((addr[0], addr[1]))
+        for host, port in self.addresses:
+            log.info("listening", address=_fmt(host, port))
+
+    async def stop(self) -> None:
+        """Stop listening, close every connection once its pending writes are out."""
+        for server in self._servers:
+            server.close()
+        for conn in list(self.connections):
+            conn.transport.close()
+        for server in self._servers:
+            await server.wait_closed()
+        self._servers.clear()
+
+
+def _fmt(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class _KmsProtocol(asyncio.Protocol):
+    transport: asyncio.Transport
+
+    def __init__(self, server: KmsServer) -> None:
+        self.server = server
+        self.conn: ServerConnection | None = None
+        self.peer = "?"
+        self.last_seen = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        server = self.server
+        peer = transport.get_extra_info("peername")
+        self.peer = _fmt(peer[0], peer[1]) if peer else "?"
+        if len(server.connections) >= server.settings.max_connections:
+            log.warning(
+                "connection refused",
+                client=self.peer,
+                reason=f"{server.settings.max_connections} connections already open",
+            )
+            transport.abort()
+            return
+        settings = server.settings
+        self.conn = ServerConnection(
+            port=transport.get_extra_info("sockname")[1],
+            groups=server.groups,
+            ndr64=settings.ndr64,
+            btfn=settings.btfn,
+            max_pdu=settings.max_pdu,
+        )
+        server.connections.add(self)
+        loop = asyncio.get_running_loop()
+        self.last_seen = loop.time()
+        self.timer = loop.call_later(settings.idle_timeout, self._check_idle)
+        log.debug("connection opened", client=self.peer)
+
+    def _check_idle(self) -> None:
+        loop = asyncio.get_running_loop()
+        idle = loop.time() - self.last_seen
+        timeout = self.server.settings.idle_timeout
+        if idle >= timeout:
+            log.debug("connection idle, closing", client=self.peer, idle_s=round(idle, 1))
+            self.transport.close()
+        else:
+            self.timer = loop.call_later(timeout - idle, self._check_idle)
+
+    def data_received(self, data: bytes) -> None:
+        conn = self.conn
+        if conn is None:
+            return
+        self.last_seen = asyncio.get_running_loop().time()
+        for event in conn.feed(data):
+            if isinstance(event, Call):
+                self.transport.write(self._answer(event))
+            elif isinstance(event, Send):
+                if event.problem:
+                    log.warning("bad input", client=self.peer, problem=event.problem)
+                self.transport.write(event.data)
+            elif isinstance(event, Close):
+                log.warning("closing connection", client=self.peer, reason=event.reason)
+                self.transport.close()
+
+    def _answer(self, call: Call) -> bytes:
+        try:
+            payload, activation = self.server.host.answer(call.payload, self.server.clock())
+        except KmsError as exc:
+            log.warning(
+                "request refused",
+                client=self.peer,
+                reason=exc.reason,
+                hresult=f"0x{exc.hresult:08X}",
+            )
+            return call.reply_error(exc.hresult)
+        request = activation.request
+        fields: dict[str, Any] = {
+            "client": self.peer,
+            "cmid": str(request.client_machine_id),
+            "workstation": request.workstation,
+            "application": activation.application,
+            "product": activation.product,
+            "protocol": f"{request.major}.{request.minor}",
+            "ndr": "NDR64" if call.ndr64 else "NDR32",
+            "count": activation.count,
+            "required": request.required_count,
+        }
+        if not activation.known:
+            fields["kms_id"] = f"unknown {request.kms_id}"
+        log.info("activation", **fields)
+        return call.reply(payload)
+
+    def pause_writing(self) -> None:
+        # A client that sends without reading: stop reading until it catches up.
+        self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.conn is not None:
+            self.conn.close()
+            self.server.connections.discard(self)
+            log.debug("connection closed", client=self.peer)
