@@ -134,6 +134,7 @@ class _Partial:
     opnum: int
     parts: list[bytes] = field(default_factory=list)
     size: int = 0
+    dropped: bool = False  # refused already; its remaining fragments are skipped
 
 
 class ServerConnection:
@@ -346,10 +347,16 @@ class ServerConnection:
                     f"fragment of call {req.call_id} without a first fragment",
                 )
             partial = found
+        if partial.dropped:
+            if last:
+                del self._partials[req.call_id]
+            return None
         partial.parts.append(req.stub)
         partial.size += len(req.stub)
         if partial.size > self._max_call:
-            del self._partials[req.call_id]
+            partial.dropped, partial.parts, partial.size = True, [], 0
+            if last:
+                del self._partials[req.call_id]
             return self._fault(
                 req.call_id,
                 partial.context_id,

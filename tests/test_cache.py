@@ -1,0 +1,100 @@
+"""The activation count rules of the seed (DESIGN.md), on an injected clock."""
+
+from __future__ import annotations
+
+import uuid
+
+from kmsd.cache import RECORD_LIFETIME, ClientTable, MemoryCounter
+
+WINDOWS = uuid.UUID("55c92734-d682-4d71-983e-d6ec3f16059f")
+OFFICE = uuid.UUID("0ff1ce15-a989-479d-af46-f275c6370663")
+DAY = 24 * 3600.0
+
+
+def clients(n: int) -> list[uuid.UUID]:
+    return [uuid.uuid4() for _ in range(n)]
+
+
+def test_seed_example_counts_are_cumulative_across_editions() -> None:
+    counter = MemoryCounter(known=frozenset({WINDOWS}))
+    a, b, vm, server = clients(4)
+    assert counter.record(WINDOWS, a, 25, 0.0) == 1
+    assert counter.record(WINDOWS, b, 25, 1.0) == 2
+    assert counter.record(WINDOWS, vm, 25, 2.0) == 3
+    assert counter.record(WINDOWS, server, 5, 3.0) == 4  # a server edition: cumulative
+
+
+def test_server_activates_at_five_client_at_twenty_five() -> None:
+    table = ClientTable()
+    counts = [table.record(c, 5, float(i)) for i, c in enumerate(clients(5))]
+    assert counts == [1, 2, 3, 4, 5]  # the fifth server meets its threshold of 5
+    counts = [table.record(c, 25, 10.0 + i) for i, c in enumerate(clients(20))]
+    assert counts[-1] == 25  # the twentieth Windows client brings the table to 25
+
+
+def test_renewal_does_not_grow_the_count_and_restarts_the_30_days() -> None:
+    table = ClientTable()
+    a, b = clients(2)
+    assert table.record(a, 25, 0.0) == 1
+    assert table.record(b, 25, 1.0) == 2
+    assert table.record(a, 25, 20 * DAY) == 2  # renewal: same count
+    # b expires 30 days after its only request; a's renewal keeps it.
+    assert table.count(1.0 + RECORD_LIFETIME) == 1
+    assert table.count(20 * DAY + RECORD_LIFETIME - 1) == 1
+    assert table.count(20 * DAY + RECORD_LIFETIME) == 0
+
+
+def test_record_expires_after_exactly_30_days() -> None:
+    table = ClientTable()
+    a, b = clients(2)
+    table.record(a, 25, 0.0)
+    assert table.count(RECORD_LIFETIME - 1) == 1
+    assert table.record(b, 25, RECORD_LIFETIME) == 1  # a is gone, b counts alone
+
+
+def test_capacity_is_ten_for_servers_then_fifty_and_never_shrinks() -> None:
+    table = ClientTable()
+    servers = clients(12)
+    counts = [table.record(c, 5, float(i)) for i, c in enumerate(servers)]
+    assert counts == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 10, 10]
+    assert table.capacity == 10
+    assert next(iter(table.records)) == servers[2]  # the two oldest were dropped
+    assert table.record(uuid.uuid4(), 25, 20.0) == 11  # a Windows client: capacity 50
+    assert table.capacity == 50
+    for i, c in enumerate(clients(60)):
+        table.record(c, 5, 30.0 + i)  # servers again: the table keeps 50
+    assert table.capacity == 50
+    assert table.count(100.0) == 50
+
+
+def test_fifty_first_client_evicts_the_oldest() -> None:
+    table = ClientTable()
+    first, *rest = clients(51)
+    table.record(first, 25, 0.0)
+    for i, c in enumerate(rest[:-1]):
+        table.record(c, 25, 1.0 + i)
+    assert table.count(100.0) == 50 and first in table.records
+    assert table.record(rest[-1], 25, 200.0) == 50
+    assert first not in table.records
+
+
+def test_applications_are_counted_apart() -> None:
+    counter = MemoryCounter(known=frozenset({WINDOWS, OFFICE}))
+    for i, c in enumerate(clients(3)):
+        counter.record(WINDOWS, c, 25, float(i))
+    assert counter.record(OFFICE, uuid.uuid4(), 5, 10.0) == 1
+
+
+def test_unknown_applications_cannot_evict_known_tables() -> None:
+    counter = MemoryCounter(known=frozenset({WINDOWS}), max_tables=4)
+    counter.record(WINDOWS, uuid.uuid4(), 25, 0.0)
+    for i in range(10):
+        counter.record(uuid.uuid4(), uuid.uuid4(), 5, 1.0 + i)
+    assert len(counter.tables) == 5  # Windows plus the 4 most recent unknown applications
+    assert counter.record(WINDOWS, uuid.uuid4(), 25, 20.0) == 2
+
+
+def test_capacity_is_twice_the_highest_n_policy() -> None:
+    table = ClientTable()
+    table.record(uuid.uuid4(), 1000, 0.0)
+    assert table.capacity == 2000
