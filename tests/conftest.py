@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import selectors
+import select
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 
@@ -39,41 +39,51 @@ async def server() -> AsyncIterator[KmsServer]:
 
 @dataclass
 class KmsdProcess:
-    process: subprocess.Popen[str]
+    process: subprocess.Popen[bytes]
     host: str
     port: int
-    log: list[dict[str, object]]
+    log: list[dict[str, object]] = field(default_factory=list)
+    _pending: bytes = b""
+    _read: int = 0  # entries of `log` already returned by read_log_until
+
+    def _take_lines(self, chunk: bytes) -> None:
+        *lines, self._pending = (self._pending + chunk).split(b"\n")
+        self.log.extend(json.loads(line) for line in lines if line.strip())
 
     def read_log_until(self, event: str, timeout: float = 10.0) -> dict[str, object]:
-        """Read the daemon's JSON log until a line with this event arrives."""
+        """The next JSON log entry with this event, reading the daemon's stderr as needed."""
         assert self.process.stderr is not None
+        fd = self.process.stderr.fileno()
         deadline = time.monotonic() + timeout
-        sel = selectors.DefaultSelector()
-        sel.register(self.process.stderr, selectors.EVENT_READ)
-        try:
-            while (left := deadline - time.monotonic()) > 0:
-                if not sel.select(left):
-                    break
-                line = self.process.stderr.readline()
-                if not line:
-                    break
-                entry = json.loads(line)
-                self.log.append(entry)
-                if entry.get("event") == event:
-                    return entry
-        finally:
-            sel.close()
+        while True:
+            for i in range(self._read, len(self.log)):
+                if self.log[i].get("event") == event:
+                    self._read = i + 1
+                    return self.log[i]
+            self._read = len(self.log)
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                break
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            self._take_lines(chunk)
         raise AssertionError(f"kmsd logged no {event!r} within {timeout} s: {self.log}")
+
+    def drain(self) -> None:
+        """Read the rest of the log once the process has exited."""
+        if self.process.stderr is not None and not self.process.stderr.closed:
+            self._take_lines(self.process.stderr.read() + b"\n")
+            self.process.stderr.close()
 
 
 def start_kmsd(*args: str, listen: str = f"{LOOPBACK}:0") -> KmsdProcess:
     proc = subprocess.Popen(
         [sys.executable, "-m", "kmsd", "--listen", listen, "--log-format", "json", *args],
         stderr=subprocess.PIPE,
-        text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
-    kmsd = KmsdProcess(proc, LOOPBACK, 0, [])
+    kmsd = KmsdProcess(proc, LOOPBACK, 0)
     address = str(kmsd.read_log_until("listening")["address"])
     host, _, port = address.rpartition(":")
     kmsd.host, kmsd.port = host.strip("[]"), int(port)
@@ -82,13 +92,13 @@ def start_kmsd(*args: str, listen: str = f"{LOOPBACK}:0") -> KmsdProcess:
 
 
 def stop_kmsd(kmsd: KmsdProcess) -> int:
+    """SIGTERM, wait, and collect the rest of the log; returns the exit status."""
     if kmsd.process.poll() is None:
         kmsd.process.send_signal(signal.SIGTERM)
     try:
         return kmsd.process.wait(timeout=10)
     finally:
-        if kmsd.process.stderr:
-            kmsd.process.stderr.close()
+        kmsd.drain()
 
 
 @pytest.fixture
