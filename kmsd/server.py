@@ -143,7 +143,13 @@ class _KmsProtocol(asyncio.Protocol):
         self.last_seen = asyncio.get_running_loop().time()
         for event in conn.feed(data):
             if isinstance(event, Call):
-                self.transport.write(self._answer(event))
+                try:
+                    self.transport.write(self._answer(event))
+                except Exception:
+                    # A bug, not bad input: say so loudly, drop this client, serve the rest.
+                    log.exception("internal error, closing connection", client=self.peer)
+                    self.transport.abort()
+                    return
             elif isinstance(event, Send):
                 if event.problem:
                     log.warning("bad input", client=self.peer, problem=event.problem)
