@@ -261,24 +261,15 @@ def test_stray_fragment_and_oversized_reassembly_get_faults() -> None:
     only(conn.feed(Request(10, 0, ndr.wrap_request(b"k" * 260, False)).encode()), Call)
 
 
-def test_response_is_fragmented_to_the_clients_receive_size() -> None:
+def test_fragment_sizes_are_negotiated_down_to_the_dce_minimum() -> None:
     conn = new_conn()
     bind = Bind(2, (ContextElement(0, KMS_INTERFACE, (NDR32,)),), max_recv_frag=100)
     (ack,) = sent(conn.feed(bind.encode()))
-    assert isinstance(ack, BindAck) and ack.max_xmit_frag == 100
-    call = only(conn.feed(Request(2, 0, ndr.wrap_request(b"q" * 260, False)).encode()), Call)
-    assert isinstance(call, Call)
-    data = call.reply(b"r" * 260)
-    fragments = []
-    while data:
-        length = struct.unpack_from("<H", data, 8)[0]
-        assert length <= 100
-        fragments.append(parse_pdu(data[:length]))
-        data = data[length:]
-    assert all(isinstance(f, Response) for f in fragments)
-    assert fragments[0].flags & Flags.FIRST_FRAG and fragments[-1].flags & Flags.LAST_FRAG  # type: ignore[union-attr]
-    stub = b"".join(f.stub for f in fragments)  # type: ignore[union-attr]
-    assert ndr.unwrap_response(stub, False) == (b"r" * 260, 0)
+    assert isinstance(ack, BindAck)
+    assert (ack.max_xmit_frag, ack.max_recv_frag) == (1432, 5840)
+    conn = new_conn(max_pdu=2000)
+    (ack,) = sent(conn.feed(RpcClient().bind()))
+    assert (ack.max_xmit_frag, ack.max_recv_frag) == (2000, 2000)  # type: ignore[attr-defined]
 
 
 def test_request_with_object_uuid() -> None:

@@ -40,7 +40,7 @@ from .rpc import (
 )
 
 BTFN_SUPPORTED = 0x0003  # security context multiplexing, keep connection on orphan
-MIN_FRAGMENT = 32  # a response fragment must carry at least a few stub bytes
+MUST_RECV_FRAG = 1432  # DCE-RPC: every peer accepts fragments at least this large
 MAX_PENDING_CALLS = 4  # requests being reassembled at once on one connection
 
 
@@ -67,7 +67,6 @@ class Call:
     context_id: int
     ndr64: bool
     payload: bytes
-    max_fragment: int
 
     def reply(self, kms_response: bytes) -> bytes:
         return self._respond(ndr.wrap_response(kms_response, self.ndr64))
@@ -76,24 +75,9 @@ class Call:
         return self._respond(ndr.wrap_error(hresult, self.ndr64))
 
     def _respond(self, stub: bytes) -> bytes:
-        room = self.max_fragment - 24
-        if len(stub) <= room:
-            return Response(self.call_id, self.context_id, stub).encode()
-        out = []
-        for at in range(0, len(stub), room):
-            flags = (Flags.FIRST_FRAG if at == 0 else 0) | (
-                Flags.LAST_FRAG if at + room >= len(stub) else 0
-            )
-            out.append(
-                Response(
-                    self.call_id,
-                    self.context_id,
-                    stub[at : at + room],
-                    flags,
-                    alloc_hint=len(stub) - at,
-                ).encode()
-            )
-        return b"".join(out)
+        # A KMS response stub (at most 288 bytes) always fits the 1432-byte fragment every
+        # DCE-RPC peer must accept, so responses are never fragmented.
+        return Response(self.call_id, self.context_id, stub).encode()
 
 
 Event = Send | Close | Call
@@ -159,7 +143,6 @@ class ServerConnection:
         self._buffer = bytearray()
         self._contexts: dict[int, bool] = {}  # p_cont_id -> is NDR64
         self._group = 0
-        self._max_fragment = max_pdu
         self._partials: dict[int, _Partial] = {}
         self.closed = False
 
@@ -249,16 +232,14 @@ class ServerConnection:
             if result.result == Result.ACCEPTANCE:
                 self._contexts[ctx.context_id] = result.syntax == NDR64
             results.append(result)
-        if not bind.alter:
-            self._max_fragment = max(MIN_FRAGMENT, min(bind.max_recv_frag, self._max_pdu))
         ack = BindAck(
             call_id=bind.call_id,
             results=tuple(results),
             sec_addr=b"" if bind.alter else self._sec_addr,
             # Echo the multiplexing bit in bind_ack only (PROTOCOL.md §3.3).
             flags=WHOLE | (0 if bind.alter else bind.flags & Flags.CONC_MPX),
-            max_xmit_frag=min(bind.max_recv_frag, self._max_pdu),
-            max_recv_frag=min(bind.max_xmit_frag, self._max_pdu),
+            max_xmit_frag=max(MUST_RECV_FRAG, min(bind.max_recv_frag, self._max_pdu)),
+            max_recv_frag=max(MUST_RECV_FRAG, min(bind.max_xmit_frag, self._max_pdu)),
             assoc_group=self._group,
             alter=bind.alter,
         )
@@ -323,7 +304,7 @@ class ServerConnection:
                     f"bad {'NDR64' if ndr64 else 'NDR32'} stub: {exc}",
                 )
             ]
-        return [Call(req.call_id, req.context_id, ndr64, payload, self._max_fragment)]
+        return [Call(req.call_id, req.context_id, ndr64, payload)]
 
     def _reassemble(
         self, req: Request, first: bool, last: bool
