@@ -90,6 +90,15 @@ def positive(kind: type[int] | type[float]) -> argparse._ActionType:
     return convert
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only where it says something (not for flags or unset options)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or isinstance(action.default, bool | list):
+            return action.help or ""
+        return super()._get_help_string(action) or ""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="kmsd",
@@ -97,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Answers activation requests of protocol V4, V5 and V6 over DCE-RPC on TCP port 1688, "
         "counting clients as a real KMS host does (25 for Windows clients, 5 for servers "
         "and Office).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     p.add_argument("--version", action="version", version=f"kmsd {__version__}")
     net = p.add_argument_group("network")

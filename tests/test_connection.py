@@ -242,6 +242,16 @@ def test_fragmented_request_is_reassembled(ndr64: bool) -> None:
     assert isinstance(call, Call) and call.payload == payload and call.call_id == 6
 
 
+def test_fragmented_call_on_unbound_context_is_refused_at_its_first_fragment() -> None:
+    conn = bound()
+    first = Request(5, 3, bytes(100), flags=Flags.FIRST_FRAG).encode()
+    fault = parse_pdu(only(conn.feed(first), Send).data)  # type: ignore[attr-defined]
+    assert isinstance(fault, Fault) and fault.status == FaultStatus.UNK_IF
+    assert conn.feed(Request(5, 3, bytes(100), flags=0).encode()) == []
+    assert conn.feed(Request(5, 3, bytes(10), flags=Flags.LAST_FRAG).encode()) == []
+    assert conn.pending_bytes() == 0
+
+
 def test_stray_fragment_and_oversized_reassembly_get_faults() -> None:
     conn = bound()
     stray = Request(8, 0, b"abc", flags=Flags.LAST_FRAG).encode()

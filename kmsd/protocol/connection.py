@@ -266,6 +266,13 @@ class ServerConnection:
     def _request(self, req: Request) -> list[Event]:
         first = bool(req.flags & Flags.FIRST_FRAG)
         last = bool(req.flags & Flags.LAST_FRAG)
+        if first:
+            # Refuse a call at its first fragment, not after waiting for all of them.
+            refusal = self._refusal(req)
+            if refusal is not None:
+                if not last and len(self._partials) < MAX_PENDING_CALLS:
+                    self._partials[req.call_id] = _Partial(req.context_id, req.opnum, dropped=True)
+                return [refusal]
         if not (first and last):
             stub = self._reassemble(req, first, last)
             if isinstance(stub, Send):
@@ -274,25 +281,7 @@ class ServerConnection:
                 return []
             partial, whole = stub
             req = Request(req.call_id, partial.context_id, whole, partial.opnum)
-        ndr64 = self._contexts.get(req.context_id)
-        if ndr64 is None:
-            return [
-                self._fault(
-                    req.call_id,
-                    req.context_id,
-                    FaultStatus.UNK_IF,
-                    f"request on unbound presentation context {req.context_id}",
-                )
-            ]
-        if req.opnum != 0:
-            return [
-                self._fault(
-                    req.call_id,
-                    req.context_id,
-                    FaultStatus.OP_RNG_ERROR,
-                    f"opnum {req.opnum}; the KMS interface has only opnum 0",
-                )
-            ]
+        ndr64 = self._contexts[req.context_id]
         try:
             payload = ndr.unwrap_request(req.stub, ndr64)
         except StubError as exc:
@@ -305,6 +294,24 @@ class ServerConnection:
                 )
             ]
         return [Call(req.call_id, req.context_id, ndr64, payload)]
+
+    def _refusal(self, req: Request) -> Send | None:
+        """The fault for a call this connection cannot execute, if it is one."""
+        if req.context_id not in self._contexts:
+            return self._fault(
+                req.call_id,
+                req.context_id,
+                FaultStatus.UNK_IF,
+                f"request on unbound presentation context {req.context_id}",
+            )
+        if req.opnum != 0:
+            return self._fault(
+                req.call_id,
+                req.context_id,
+                FaultStatus.OP_RNG_ERROR,
+                f"opnum {req.opnum}; the KMS interface has only opnum 0",
+            )
+        return None
 
     def _reassemble(
         self, req: Request, first: bool, last: bool
