@@ -418,6 +418,9 @@ class Target:
     log: TextIO | None = None
 
 
+SCRATCH = tempfile.TemporaryDirectory(prefix="kmsd-bench-")  # database files, removed at exit
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -427,10 +430,14 @@ def free_port() -> int:
 
 def make_target(template: str | None, labels: list[str]) -> Target:
     port = free_port()
-    if template is None:
+    if template is None or template.split()[0] == "kmsd":
+        # kmsd, with its durable store in a fresh file unless the template says otherwise.
+        extra = shlex.split(template or "")[1:]
         argv = [sys.executable, "-m", "kmsd", "--listen", f"127.0.0.1:{port}"]
-        argv += ["--log-level", "warning"]
-        label = "kmsd"
+        argv += ["--log-level", "warning", *extra]
+        if "--db" not in extra:
+            argv += ["--db", os.path.join(SCRATCH.name, f"kmsd-{port}.db")]
+        label = " ".join(["kmsd", *extra])
     else:
         if "{port}" not in template:
             raise SystemExit(f"server command {template!r} has no {{port}} placeholder")
@@ -775,7 +782,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         help="another server command with {port}, run after the first; repeatable; "
-        'ratios are printed against the first. "kmsd" stands for the default kmsd',
+        'ratios are printed against the first. "kmsd [OPTIONS]" stands for the default kmsd',
     )
     srv.add_argument(
         "--connect",
@@ -859,7 +866,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         targets.append(make_target(args.server_cmd, labels))
     for template in args.compare:
-        targets.append(make_target(None if template == "kmsd" else template, labels))
+        targets.append(make_target(template, labels))
 
     meta: dict[str, Any] = {
         "concurrency": args.concurrency,

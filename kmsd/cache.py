@@ -11,28 +11,41 @@ from collections import OrderedDict
 from typing import Protocol
 from uuid import UUID
 
+from .protocol.kms import BaseRequest
+
 RECORD_LIFETIME = 30 * 24 * 3600.0
 MAX_REQUIRED_COUNT = 1000  # larger N policies are refused (PROTOCOL.md §5.2)
 MAX_TABLES = 64  # tables of unknown applications kept at once; beyond it the stalest goes
 
 
 class CountStore(Protocol):
-    def record(self, application: UUID, client: UUID, required: int, now: float) -> int:
-        """Record a request of `client`; returns the count to report to it."""
+    """Where the host counts its clients."""
+
+    def count(self, request: BaseRequest, now: float, address: str) -> int:
+        """Record this request; returns the number of clients to report to it."""
         ...
 
 
 class ClientTable:
-    """The client IDs of one application, oldest first."""
+    """The client IDs of one application, oldest first.
 
-    __slots__ = ("capacity", "lifetime", "records")
+    `fixed_capacity` replaces the 2 x N rule for experiments.
+    """
 
-    def __init__(self, lifetime: float = RECORD_LIFETIME, capacity: int = 0) -> None:
+    __slots__ = ("capacity", "fixed_capacity", "lifetime", "records")
+
+    def __init__(
+        self,
+        lifetime: float = RECORD_LIFETIME,
+        capacity: int = 0,
+        fixed_capacity: int | None = None,
+    ) -> None:
         self.lifetime = lifetime
-        self.capacity = capacity
+        self.fixed_capacity = fixed_capacity
+        self.capacity = fixed_capacity or capacity
         self.records: OrderedDict[UUID, float] = OrderedDict()
 
-    def expire(self, now: float) -> None:
+    def expire(self, now: float, dropped: list[UUID] | None = None) -> None:
         records = self.records
         cutoff = now - self.lifetime
         while records:
@@ -40,52 +53,79 @@ class ClientTable:
             if records[oldest] > cutoff:
                 break
             del records[oldest]
+            if dropped is not None:
+                dropped.append(oldest)
 
-    def record(self, client: UUID, required: int, now: float) -> int:
-        self.capacity = max(self.capacity, 2 * max(required, 1))
-        self.expire(now)
+    def record(
+        self, client: UUID, required: int, now: float, dropped: list[UUID] | None = None
+    ) -> int:
+        """Record a request; returns the count. Records that leave go into `dropped`."""
+        if self.fixed_capacity is None:
+            self.capacity = max(self.capacity, 2 * max(required, 1))
+        self.expire(now, dropped)
         records = self.records
         if client in records:
             records.move_to_end(client)
         else:
             while len(records) >= self.capacity:
-                records.popitem(last=False)
+                oldest, _ = records.popitem(last=False)
+                if dropped is not None:
+                    dropped.append(oldest)
         records[client] = now
         return len(records)
 
     def count(self, now: float) -> int:
-        self.expire(now)
-        return len(self.records)
+        """Clients counted at `now` (expired records no longer count)."""
+        cutoff = now - self.lifetime
+        return sum(1 for t in self.records.values() if t > cutoff)
 
 
 class MemoryCounter:
-    """Client tables held in memory (the durable store stands behind the same interface)."""
+    """Client tables held in memory (the durable store keeps one as its working copy)."""
 
     def __init__(
         self,
         known: frozenset[UUID] = frozenset(),
         lifetime: float = RECORD_LIFETIME,
         max_tables: int = MAX_TABLES,
+        fixed_capacity: int | None = None,
     ) -> None:
         """`known` applications always keep their table; unknown ones (which anyone can
         invent) share `max_tables` slots, least recently used first out."""
         self.known = known
         self.lifetime = lifetime
         self.max_tables = max_tables
+        self.fixed_capacity = fixed_capacity
         self.tables: dict[UUID, ClientTable] = {}
         self._unknown: OrderedDict[UUID, None] = OrderedDict()
 
-    def table(self, application: UUID) -> ClientTable:
+    def table(self, application: UUID, dropped_tables: list[UUID] | None = None) -> ClientTable:
         table = self.tables.get(application)
         if table is None:
-            table = self.tables[application] = ClientTable(self.lifetime)
+            table = self.tables[application] = ClientTable(
+                self.lifetime, fixed_capacity=self.fixed_capacity
+            )
         if application not in self.known:
             self._unknown[application] = None
             self._unknown.move_to_end(application)
             if len(self._unknown) > self.max_tables:
                 stale, _ = self._unknown.popitem(last=False)
                 del self.tables[stale]
+                if dropped_tables is not None:
+                    dropped_tables.append(stale)
         return table
 
-    def record(self, application: UUID, client: UUID, required: int, now: float) -> int:
-        return self.table(application).record(client, required, now)
+    def record(
+        self,
+        application: UUID,
+        client: UUID,
+        required: int,
+        now: float,
+        dropped: list[UUID] | None = None,
+    ) -> int:
+        return self.table(application).record(client, required, now, dropped)
+
+    def count(self, request: BaseRequest, now: float, address: str) -> int:
+        return self.record(
+            request.application_id, request.client_machine_id, request.required_count, now
+        )

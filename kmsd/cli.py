@@ -7,13 +7,14 @@ import asyncio
 import os
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from uuid import UUID
 
 import structlog
 
-from . import __version__, logs
-from .cache import MemoryCounter
+from . import __version__, admin, logs
+from .cache import RECORD_LIFETIME
 from .host import (
     DEFAULT_ACTIVATION_INTERVAL,
     DEFAULT_RENEWAL_INTERVAL,
@@ -24,6 +25,7 @@ from .host import (
 from .protocol.epid import parse_epid
 from .protocol.products import products
 from .server import DEFAULT_PORT, KmsServer, ServerSettings
+from .store import MEMORY, SqliteStore, StoreError, default_path
 
 log = structlog.get_logger("kmsd")
 
@@ -99,6 +101,12 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action) or ""
 
 
+def non_negative(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 0")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="kmsd",
@@ -107,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
         "counting clients as a real KMS host does (25 for Windows clients, 5 for servers "
         "and Office).",
         formatter_class=_HelpFormatter,
+        epilog="Admin commands on the same database (safe while kmsd runs): kmsd clients, "
+        "kmsd stats, kmsd forget CLIENT_ID, kmsd reset [--app NAME]; each has --help.",
     )
     p.add_argument("--version", action="version", version=f"kmsd {__version__}")
     net = p.add_argument_group("network")
@@ -197,6 +207,41 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="accept requests with a bad V4 MAC or bad V5/V6 padding",
     )
+    store = p.add_argument_group("client table")
+    store.add_argument(
+        "--db",
+        metavar="PATH",
+        default=str(default_path()),
+        help=f"SQLite database of the client table and the host's identity; "
+        f"{MEMORY} for a throwaway run",
+    )
+    store.add_argument(
+        "--precharge",
+        metavar="N",
+        type=non_negative,
+        default=0,
+        help="lab override: report N more clients than counted, so that the "
+        "first client already meets its threshold (24 for Windows clients)",
+    )
+    store.add_argument(
+        "--fixed-count",
+        metavar="N",
+        type=non_negative,
+        help="lab override: report this count to every client",
+    )
+    store.add_argument(
+        "--capacity",
+        metavar="N",
+        type=positive(int),
+        help="lab override: a fixed table size instead of 2 x the highest threshold seen",
+    )
+    store.add_argument(
+        "--record-lifetime",
+        metavar="DAYS",
+        type=positive(float),
+        default=RECORD_LIFETIME / 86400,
+        help="how long a client's record counts (a real host: 30)",
+    )
     out = p.add_argument_group("logging")
     out.add_argument(
         "--log-format",
@@ -208,40 +253,84 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def make_host(args: argparse.Namespace) -> KmsHost:
+def open_store(args: argparse.Namespace) -> SqliteStore:
     db = products()
-    identity = HostIdentity(hwid=args.hwid or os.urandom(8), overrides=dict(args.epid))
+    return SqliteStore(
+        args.db,
+        known=frozenset(db.applications),
+        lifetime=args.record_lifetime * 86400,
+        fixed_capacity=args.capacity,
+    )
+
+
+def make_host(args: argparse.Namespace, store: SqliteStore) -> KmsHost:
+    """The host with its identity from the store (generated and saved on first start)."""
+    db = products()
+    stored_hwid, epids = store.load_identity()
+    hwid = stored_hwid or args.hwid or os.urandom(8)
+    identity = HostIdentity(hwid=hwid, epids=epids)
+    if identity.complete(db, os.urandom, time.time()) or stored_hwid is None:
+        store.save_identity(hwid, identity.epids)
+    identity.hwid = args.hwid or hwid
+    identity.overrides = dict(args.epid)
     policy = HostPolicy(
         activation_interval=args.activation_interval,
         renewal_interval=args.renewal_interval,
         strict=args.strict,
         verify=args.verify,
         max_clock_skew=args.max_clock_skew * 3600 if args.max_clock_skew else None,
+        fixed_count=args.fixed_count,
+        precharge=args.precharge,
     )
-    counter = MemoryCounter(known=frozenset(db.applications))
-    return KmsHost(counter, identity, policy, database=db)
+    return KmsHost(store, identity, policy, database=db)
 
 
-async def serve(host: KmsHost, settings: ServerSettings) -> None:
-    server = KmsServer(host, settings)
-    await server.start()
+def log_overrides(args: argparse.Namespace) -> None:
+    overrides = {
+        "fixed_count": args.fixed_count,
+        "precharge": args.precharge or None,
+        "capacity": args.capacity,
+        "record_lifetime_days": None if args.record_lifetime == 30 else args.record_lifetime,
+    }
+    for name, value in overrides.items():
+        if value is not None:
+            log.warning("lab override: not how a real KMS host counts", override=name, value=value)
+
+
+async def serve(args: argparse.Namespace, settings: ServerSettings) -> None:
+    store = open_store(args)
+    try:
+        host = make_host(args, store)
+        store.start(asyncio.get_running_loop())
+        server = KmsServer(host, settings, store=store)
+        await server.start()
+    except BaseException:
+        await store.close()
+        raise
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    log_overrides(args)
     log.info(
         "kmsd ready",
         version=__version__,
+        database=args.db,
         hwid=host.identity.hwid.hex().upper(),
         strict=host.policy.strict,
     )
     await stop.wait()
     log.info("stopping", connections=len(server.connections))
     await server.stop()
+    await store.close()
+    await server.drained()
     log.info("stopped")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in admin.COMMANDS:
+        return admin.main(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.max_pdu < 1432 or args.max_pdu > 65535:
@@ -259,8 +348,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.listen and not _ipv6_available():
         settings = ServerSettings(**{**settings.__dict__, "listen": listen[:1]})
     try:
-        asyncio.run(serve(make_host(args), settings))
-    except OSError as exc:
+        asyncio.run(serve(args, settings))
+    except (OSError, StoreError) as exc:
         log.error("cannot start", error=str(exc))
         return 1
     return 0

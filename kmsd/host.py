@@ -34,13 +34,21 @@ def unix_time(filetime_value: int) -> float:
 class HostIdentity:
     """What a client sees of the host beyond the count: its HWID and ePIDs.
 
-    `epids` maps a host-key family (Csvlk.key) to the ePID generated for it; `overrides`
-    maps a KMS counted ID to an ePID the operator set.
+    `epids` maps a host-key family (Csvlk.key) to its ePID; `overrides` maps a KMS
+    counted ID to an ePID the operator set.
     """
 
     hwid: bytes
     epids: dict[str, str] = field(default_factory=dict)
     overrides: dict[UUID, str] = field(default_factory=dict)
+
+    def complete(self, database: ProductDatabase, random: RandomSource, now: float) -> bool:
+        """Generate the ePID of every host key that has none; True if any was added."""
+        today = dt.datetime.fromtimestamp(now, dt.UTC).date()
+        missing = [c for c in database.csvlks.values() if c.key not in self.epids]
+        for csvlk in missing:
+            self.epids[csvlk.key] = str(generate_epid(csvlk, today=today, random=random))
+        return bool(missing)
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +58,8 @@ class HostPolicy:
     strict: bool = False  # refuse unknown, retail and preview KMS IDs and App/KMS mismatches
     verify: bool = True  # check V4 MACs and V5/V6 padding of requests
     max_clock_skew: float | None = None  # seconds; None: any request time is accepted
+    fixed_count: int | None = None  # lab override: report this count to everyone
+    precharge: int = 0  # lab override: report as if this many other clients were counted
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +75,9 @@ class Activation:
 
 
 class KmsHost:
+    """Answers requests. `identity` must hold an ePID for every host key of the database
+    (HostIdentity.complete) unless overrides cover every KMS ID it will see."""
+
     def __init__(
         self,
         counter: CountStore,
@@ -80,16 +93,10 @@ class KmsHost:
         self.random = random
         self.products = database or products()
 
-    def epid_for(self, application: UUID, kms_id: UUID, now: float) -> str:
+    def epid_for(self, application: UUID, kms_id: UUID) -> str:
         if (epid := self.identity.overrides.get(kms_id)) is not None:
             return epid
-        csvlk = self.products.csvlk_for(application, kms_id)
-        epid = self.identity.epids.get(csvlk.key)
-        if epid is None:
-            today = dt.datetime.fromtimestamp(now, dt.UTC).date()
-            epid = str(generate_epid(csvlk, today=today, random=self.random))
-            self.identity.epids[csvlk.key] = epid
-        return epid
+        return self.identity.epids[self.products.csvlk_for(application, kms_id).key]
 
     def check(self, base: BaseRequest, now: float) -> None:
         """Apply the host's policy; raises KmsError with the HRESULT to answer."""
@@ -117,15 +124,16 @@ class KmsHost:
                     f"{item.name} sent with application {base.application_id}",
                 )
 
-    def answer(self, message: bytes, now: float) -> tuple[bytes, Activation]:
-        """Answer one KMS request; raises KmsError when the answer is an HRESULT."""
+    def answer(self, message: bytes, now: float, address: str = "") -> tuple[bytes, Activation]:
+        """Answer one KMS request from `address`; raises KmsError when the answer is an
+        HRESULT."""
         request = decode_request(message, verify=self.policy.verify)
         base = request.base
         self.check(base, now)
-        count = self.counter.record(
-            base.application_id, base.client_machine_id, base.required_count, now
-        )
-        epid = self.epid_for(base.application_id, base.kms_id, now)
+        counted = self.counter.count(base, now, address)
+        policy = self.policy
+        count = policy.fixed_count if policy.fixed_count is not None else counted + policy.precharge
+        epid = self.epid_for(base.application_id, base.kms_id)
         response = BaseResponse(
             major=base.major,
             minor=base.minor,

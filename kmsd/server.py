@@ -6,9 +6,10 @@ import asyncio
 import os
 import socket
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -19,6 +20,13 @@ from .protocol.errors import KmsError
 log = structlog.get_logger("kmsd")
 
 DEFAULT_PORT = 1688
+DRAIN_SECONDS = 5.0  # how long a stop waits for replies still being committed
+
+
+class Durable(Protocol):
+    def barrier(self) -> asyncio.Future[None]:
+        """Completes once everything counted so far is on disk."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -41,10 +49,14 @@ class KmsServer:
         settings: ServerSettings = ServerSettings(),
         *,
         clock: Callable[[], float] = time.time,
+        store: Durable | None = None,
     ) -> None:
+        """With a `store`, each reply waits until the store has committed its record."""
         self.host = host
         self.settings = settings
         self.clock = clock
+        self.store = store
+        self._all_closed = asyncio.Event()
         self.groups = AssociationGroups(settings.groups_seed)
         self.connections: set[_KmsProtocol] = set()
         self._servers: list[asyncio.Server] = []
@@ -74,14 +86,30 @@ class KmsServer:
             log.info("listening", address=_fmt(host, port))
 
     async def stop(self) -> None:
-        """Stop listening, close every connection once its pending writes are out."""
+        """Stop listening; close each connection once its replies are out (replies still
+        waiting for the store go when it commits)."""
         for server in self._servers:
             server.close()
         for conn in list(self.connections):
-            conn.transport.close()
+            conn.close_when_flushed()
         for server in self._servers:
             await server.wait_closed()
         self._servers.clear()
+
+    async def drained(self, timeout: float = DRAIN_SECONDS) -> None:
+        """Wait until every connection is closed (after stop() and the store's last commit)."""
+        if self.connections:
+            self._all_closed.clear()
+            try:
+                await asyncio.wait_for(self._all_closed.wait(), timeout)
+            except TimeoutError:
+                for conn in list(self.connections):
+                    conn.transport.abort()
+
+    def _forget(self, conn: _KmsProtocol) -> None:
+        self.connections.discard(conn)
+        if not self.connections:
+            self._all_closed.set()
 
 
 def _fmt(host: str, port: int) -> str:
@@ -97,6 +125,9 @@ class _KmsProtocol(asyncio.Protocol):
         self.peer = "?"
         self.last_seen = 0.0
         self.timer: asyncio.TimerHandle | None = None
+        # Replies in order, each with the commit it waits for (None: nothing to wait for).
+        self.outbox: deque[tuple[bytes, asyncio.Future[None] | None]] = deque()
+        self.closing = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -138,29 +169,69 @@ class _KmsProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         conn = self.conn
-        if conn is None:
+        if conn is None or self.closing:
             return
         self.last_seen = asyncio.get_running_loop().time()
         for event in conn.feed(data):
             if isinstance(event, Call):
                 try:
-                    self.transport.write(self._answer(event))
+                    reply = self._answer(event)
                 except Exception:
                     # A bug, not bad input: say so loudly, drop this client, serve the rest.
                     log.exception("internal error, closing connection", client=self.peer)
                     self.transport.abort()
                     return
+                store = self.server.store
+                self._send(reply, store.barrier() if store is not None else None)
             elif isinstance(event, Send):
                 if event.problem:
                     log.warning("bad input", client=self.peer, problem=event.problem)
-                self.transport.write(event.data)
+                self._send(event.data, None)
             elif isinstance(event, Close):
                 log.warning("closing connection", client=self.peer, reason=event.reason)
-                self.transport.close()
+                self.close_when_flushed()
+
+    def _send(self, data: bytes, committed: asyncio.Future[None] | None) -> None:
+        if not self.outbox and committed is None:
+            self.transport.write(data)
+            return
+        self.outbox.append((data, committed))
+        if committed is not None:
+            committed.add_done_callback(self._flush)
+
+    def _flush(self, _: object = None) -> None:
+        outbox = self.outbox
+        while outbox:
+            data, committed = outbox[0]
+            if committed is not None:
+                if not committed.done():
+                    return
+                if committed.exception() is not None:
+                    # Not durable, so not acknowledged: the client will ask again.
+                    log.error(
+                        "reply dropped, its record could not be committed",
+                        client=self.peer,
+                        error=str(committed.exception()),
+                    )
+                    outbox.clear()
+                    self.transport.abort()
+                    return
+            outbox.popleft()
+            if not self.transport.is_closing():
+                self.transport.write(data)
+        if self.closing:
+            self.transport.close()
+
+    def close_when_flushed(self) -> None:
+        self.closing = True
+        if not self.outbox:
+            self.transport.close()
 
     def _answer(self, call: Call) -> bytes:
         try:
-            payload, activation = self.server.host.answer(call.payload, self.server.clock())
+            payload, activation = self.server.host.answer(
+                call.payload, self.server.clock(), self.peer
+            )
         except KmsError as exc:
             log.warning(
                 "request refused",
@@ -183,6 +254,11 @@ class _KmsProtocol(asyncio.Protocol):
         }
         if not activation.known:
             fields["kms_id"] = f"unknown {request.kms_id}"
+        if activation.count < request.required_count:
+            fields["below_threshold"] = (
+                f"count {activation.count} of {request.required_count}: not activated yet; "
+                f"a small lab can start kmsd with --precharge {request.required_count - 1}"
+            )
         log.info("activation", **fields)
         return call.reply(payload)
 
@@ -198,5 +274,5 @@ class _KmsProtocol(asyncio.Protocol):
             self.timer.cancel()
         if self.conn is not None:
             self.conn.close()
-            self.server.connections.discard(self)
+            self.server._forget(self)
             log.debug("connection closed", client=self.peer)

@@ -25,7 +25,9 @@ LOOPBACK = "127.0.0.1"
 def make_host(policy: HostPolicy = HostPolicy()) -> KmsHost:
     db = products()
     counter = MemoryCounter(known=frozenset(db.applications))
-    return KmsHost(counter, HostIdentity(hwid=bytes.fromhex("0123456789abcdef")), policy)
+    identity = HostIdentity(hwid=bytes.fromhex("0123456789abcdef"))
+    identity.complete(db, os.urandom, time.time())
+    return KmsHost(counter, identity, policy)
 
 
 @pytest.fixture
@@ -77,9 +79,20 @@ class KmsdProcess:
             self.process.stderr.close()
 
 
-def start_kmsd(*args: str, listen: str = f"{LOOPBACK}:0") -> KmsdProcess:
+def start_kmsd(*args: str, listen: str = f"{LOOPBACK}:0", db: str = ":memory:") -> KmsdProcess:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kmsd", "--listen", listen, "--log-format", "json", *args],
+        [
+            sys.executable,
+            "-m",
+            "kmsd",
+            "--listen",
+            listen,
+            "--log-format",
+            "json",
+            "--db",
+            db,
+            *args,
+        ],
         stderr=subprocess.PIPE,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )

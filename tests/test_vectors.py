@@ -23,7 +23,7 @@ import pytest
 from kmsd.host import HostIdentity, HostPolicy, KmsHost
 from kmsd.protocol.connection import AssociationGroups, Call, Close, Send, ServerConnection
 from kmsd.protocol.errors import FaultStatus, KmsError
-from kmsd.protocol.kms import decode_request
+from kmsd.protocol.kms import BaseRequest, decode_request
 from kmsd.protocol.rpc import (
     BindAck,
     Fault,
@@ -138,7 +138,7 @@ class Recorded:
     counts: deque[int]
     randoms: deque[bytes]
 
-    def record(self, application: UUID, client: UUID, required: int, now: float) -> int:
+    def count(self, request: BaseRequest, now: float, address: str) -> int:
         return self.counts.popleft()
 
     def random(self, n: int) -> bytes:

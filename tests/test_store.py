@@ -1,0 +1,311 @@
+"""The durable store: group commit, restart, crash, schema, admin commands, lab overrides."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kmsclient.session import KmsConnection, base_request
+from kmsd import admin
+from kmsd.host import HostPolicy
+from kmsd.protocol.kms import BaseRequest, encode_request
+from kmsd.protocol.products import products
+from kmsd.store import SCHEMA_VERSION, SqliteStore, StoreError
+from tests.conftest import make_host, start_kmsd, stop_kmsd
+
+DB = products()
+WIN = DB.sku_by_name("Windows 10/11 Enterprise")
+SERVER = DB.sku_by_name("Windows Server 2022 Standard")
+KNOWN = frozenset(DB.applications)
+DAY = 86400.0
+NOW = 1_795_000_000.0
+
+
+def request(sku_name: str = "Windows 10/11 Enterprise", **kw: object) -> BaseRequest:
+    sku = DB.sku_by_name(sku_name)
+    assert sku is not None
+    return base_request(sku, now=NOW, **kw)  # type: ignore[arg-type]
+
+
+def rows(path: Path, sql: str) -> list[tuple[object, ...]]:
+    with sqlite3.connect(path) as db:
+        return db.execute(sql).fetchall()
+
+
+async def test_reply_waits_for_commit_and_commits_come_in_groups(tmp_path: Path) -> None:
+    path = tmp_path / "kmsd.db"
+    store = SqliteStore(str(path), known=KNOWN)
+    store.start(asyncio.get_running_loop())
+    clients = [request() for _ in range(20)]
+    counts = [store.count(r, NOW + i, "127.0.0.1:1") for i, r in enumerate(clients)]
+    barrier = store.barrier()
+    assert counts == list(range(1, 21))
+    await asyncio.wait_for(barrier, 10)
+    # Everything counted before the barrier is on disk, seen by another connection.
+    stored = {r[0] for r in rows(path, "SELECT client FROM records")}
+    assert stored == {str(r.client_machine_id) for r in clients}
+    assert rows(path, "SELECT capacity FROM apps") == [(50,)]
+    history = rows(path, "SELECT workstation, protocol, address, requests FROM clients LIMIT 1")
+    assert history == [("kmsclient.lab.test", "6.0", "127.0.0.1:1", 1)]
+    await store.close()
+
+
+async def test_restart_keeps_counts_capacity_order_and_identity(tmp_path: Path) -> None:
+    path = str(tmp_path / "kmsd.db")
+    store = SqliteStore(path, known=KNOWN)
+    store.start(asyncio.get_running_loop())
+    first = request()
+    for i, r in enumerate([first, *(request("Windows Server 2022 Standard") for _ in range(3))]):
+        store.count(r, NOW + i, "a")
+    store.save_identity(
+        b"\x01" * 8, {"windows": "03612-00206-556-123727-03-1033-17763.0000-2972018"}
+    )
+    await store.barrier()
+    await store.close()
+
+    again = SqliteStore(path, known=KNOWN)
+    assert again.load_identity() == (
+        b"\x01" * 8,
+        {"windows": "03612-00206-556-123727-03-1033-17763.0000-2972018"},
+    )
+    table = again.counter.tables[first.application_id]
+    assert table.capacity == 50 and next(iter(table.records)) == first.client_machine_id
+    again.start(asyncio.get_running_loop())
+    assert again.count(first, NOW + 10, "a") == 4  # a renewal: no growth
+    assert again.count(request(), NOW + 11, "a") == 5
+    # 30 days after the first requests only the renewed client and the newest remain.
+    assert again.count(request(), NOW + 30 * DAY + 5, "a") == 3
+    await again.barrier()
+    await again.close()
+    assert len(rows(Path(path), "SELECT client FROM records")) == 3
+
+
+def test_second_daemon_on_the_same_file_is_refused(tmp_path: Path) -> None:
+    path = str(tmp_path / "kmsd.db")
+    first = SqliteStore(path)
+    with pytest.raises(StoreError, match="another kmsd is serving from this database"):
+        SqliteStore(path)
+    first.db.close()
+    first._release_lock()
+    SqliteStore(path)  # free again once the first one let go
+
+
+def test_newer_schema_corrupt_file_and_foreign_database_are_refused(tmp_path: Path) -> None:
+    newer = tmp_path / "newer.db"
+    with sqlite3.connect(newer) as db:
+        db.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+    with pytest.raises(StoreError, match="written by a newer kmsd"):
+        SqliteStore(str(newer))
+    corrupt = tmp_path / "corrupt.db"
+    corrupt.write_bytes(b"this is not SQLite at all" * 100)
+    with pytest.raises(StoreError, match="not a kmsd database, or corrupt"):
+        SqliteStore(str(corrupt))
+    foreign = tmp_path / "foreign.db"
+    with sqlite3.connect(foreign) as db:
+        db.execute("CREATE TABLE invoices (id INTEGER)")
+    with pytest.raises(StoreError, match="not a kmsd database"):
+        SqliteStore(str(foreign))
+
+
+async def test_commit_failure_holds_replies_back_and_recovers(tmp_path: Path) -> None:
+    path = tmp_path / "kmsd.db"
+    store = SqliteStore(str(path), known=KNOWN)
+    store.start(asyncio.get_running_loop())
+    blocker = sqlite3.connect(path, timeout=0)
+    blocker.execute("BEGIN EXCLUSIVE")  # nobody else can write now
+    lost = request()
+    store.count(lost, NOW, "a")
+    with pytest.raises(StoreError, match="commit failed"):
+        await asyncio.wait_for(store.barrier(), 10)
+    blocker.rollback()
+    blocker.close()
+    later = request()
+    store.count(later, NOW + 1, "a")
+    await asyncio.wait_for(store.barrier(), 10)  # the retried batch and the new one commit
+    stored = {r[0] for r in rows(path, "SELECT client FROM records")}
+    assert stored == {str(lost.client_machine_id), str(later.client_machine_id)}
+    assert store.failures >= 1
+    await store.close()
+
+
+def test_lab_overrides_fixed_count_and_precharge() -> None:
+    assert WIN
+    fixed = make_host(HostPolicy(fixed_count=25))
+    pre = make_host(HostPolicy(precharge=24))
+    for host, expected in ((fixed, 25), (pre, 25)):
+        _, activation = host.answer(encode_request(base_request(WIN), iv=os.urandom(16)), NOW)
+        assert activation.count == expected
+
+
+def kmsd_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "kmsd", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        input=stdin,
+    )
+
+
+async def activate(host: str, port: int, sku_name: str, **kw: object) -> int:
+    sku = DB.sku_by_name(sku_name)
+    assert sku is not None
+    conn = await KmsConnection.open(host, port)
+    try:
+        reply = await asyncio.wait_for(conn.activate(base_request(sku, **kw)), 10)  # type: ignore[arg-type]
+    finally:
+        await conn.close()
+    return reply.base.count
+
+
+async def test_daemon_restart_same_counts_epids_and_hwid(tmp_path: Path) -> None:
+    path = str(tmp_path / "kmsd.db")
+    kmsd = start_kmsd(db=path)
+    counts = [
+        await activate(kmsd.host, kmsd.port, "Windows 10/11 Enterprise", major=6) for _ in range(3)
+    ]
+    conn = await KmsConnection.open(kmsd.host, kmsd.port)
+    assert WIN
+    before = await conn.activate(base_request(WIN, major=6))
+    await conn.close()
+    assert stop_kmsd(kmsd) == 0
+    kmsd = start_kmsd(db=path)
+    try:
+        conn = await KmsConnection.open(kmsd.host, kmsd.port)
+        after = await conn.activate(base_request(WIN, major=6))
+        await conn.close()
+    finally:
+        stop_kmsd(kmsd)
+    assert counts == [1, 2, 3] and before.base.count == 4 and after.base.count == 5
+    assert after.base.epid == before.base.epid and after.hwid == before.hwid
+
+
+async def test_kill_9_during_load_loses_no_acknowledged_client(tmp_path: Path) -> None:
+    path = str(tmp_path / "kmsd.db")
+    kmsd = start_kmsd("--capacity", "100000", db=path)
+    acknowledged: list[str] = []
+    killed = asyncio.Event()
+    assert SERVER
+
+    async def client() -> None:
+        while not killed.is_set() and len(acknowledged) < 2000:
+            try:
+                conn = await KmsConnection.open(kmsd.host, kmsd.port)
+                base = base_request(SERVER, major=5)
+                await asyncio.wait_for(conn.activate(base), 5)
+                await conn.close()
+            except (OSError, asyncio.IncompleteReadError, TimeoutError):
+                return
+            acknowledged.append(str(base.client_machine_id))
+            if len(acknowledged) == 150:
+                kmsd.process.send_signal(signal.SIGKILL)
+                killed.set()
+
+    await asyncio.wait_for(asyncio.gather(*(client() for _ in range(8))), 60)
+    kmsd.process.wait(timeout=10)
+    kmsd.drain()
+    assert kmsd.process.returncode == -signal.SIGKILL
+    assert len(acknowledged) >= 150
+    stored = {r[0] for r in rows(Path(path), "SELECT client FROM records")}
+    missing = set(acknowledged) - stored
+    assert not missing, f"{len(missing)} acknowledged clients lost"
+
+
+async def test_admin_commands_on_a_running_daemon(tmp_path: Path) -> None:
+    path = str(tmp_path / "kmsd.db")
+    kmsd = start_kmsd(db=path)
+    try:
+        for _ in range(3):
+            await activate(
+                kmsd.host, kmsd.port, "Windows 10/11 Enterprise", workstation="lab-01.test"
+            )
+        await activate(kmsd.host, kmsd.port, "Office LTSC Professional Plus 2021")
+        listing = await asyncio.to_thread(kmsd_cli, "clients", "--db", path, "--json")
+        assert listing.returncode == 0, listing.stderr
+        entries = json.loads(listing.stdout)
+        assert len(entries) == 4 and all(e["counted"] for e in entries)
+        assert {e["application"] for e in entries} == {"Windows", "Office 2013 and later"}
+        table = await asyncio.to_thread(kmsd_cli, "clients", "--db", path, "--app", "Windows")
+        assert table.stdout.splitlines()[0].split()[:3] == ["APPLICATION", "CLIENT", "ID"]
+        assert table.stdout.count("lab-01.test") == 3
+        stats = await asyncio.to_thread(kmsd_cli, "stats", "--db", path, "--json")
+        by_app = {s["application"]: s for s in json.loads(stats.stdout)}
+        assert by_app["Windows"]["count"] == 3 and by_app["Windows"]["capacity"] == 50
+        assert by_app["Windows"]["thresholds"] == {"25": False}
+        victim = next(e["client"] for e in entries if e["application"] == "Windows")
+        refused = await asyncio.to_thread(kmsd_cli, "forget", victim, "--db", path)
+        assert refused.returncode == 1 and "--yes" in refused.stderr
+        forget = await asyncio.to_thread(kmsd_cli, "forget", victim, "--db", path, "--yes")
+        assert forget.returncode == 0 and "1 record(s) removed" in forget.stdout
+        # The running daemon applied it: the next new client counts 3, not 4.
+        assert await activate(kmsd.host, kmsd.port, "Windows 10/11 Enterprise") == 3
+        reset = await asyncio.to_thread(
+            kmsd_cli, "reset", "--app", "Windows", "--db", path, "--yes"
+        )
+        assert reset.returncode == 0 and "3 record(s) removed" in reset.stdout
+        assert await activate(kmsd.host, kmsd.port, "Windows Server 2022 Standard") == 1
+        assert await activate(kmsd.host, kmsd.port, "Office LTSC Professional Plus 2021") == 2
+    finally:
+        stop_kmsd(kmsd)
+    assert len(rows(Path(path), "SELECT * FROM records")) == 3
+
+
+def test_admin_commands_without_a_daemon(tmp_path: Path) -> None:
+    path = tmp_path / "kmsd.db"
+    missing = kmsd_cli("stats", "--db", str(path))
+    assert missing.returncode == 1 and "no such database" in missing.stderr
+    store = SqliteStore(str(path), known=KNOWN)
+    client = request()
+    with store.db:
+        store.db.execute(
+            "INSERT INTO records (application, client, recorded_at) VALUES (?,?,?)",
+            (str(client.application_id), str(client.client_machine_id), NOW),
+        )
+    store.db.close()
+    store._release_lock()
+    answer = kmsd_cli("forget", str(client.client_machine_id), "--db", str(path), stdin="y\n")
+    assert answer.returncode == 1  # no terminal to ask and no --yes
+    done = kmsd_cli("forget", str(client.client_machine_id), "--db", str(path), "--yes")
+    assert done.returncode == 0 and "1 record(s) removed" in done.stdout
+    assert rows(path, "SELECT * FROM records") == []
+    bad = kmsd_cli("reset", "--app", "Linux", "--db", str(path), "--yes")
+    assert bad.returncode == 1 and "unknown application 'Linux'" in bad.stderr
+
+
+def test_printed_table_is_aligned() -> None:
+    import io
+
+    out = io.StringIO()
+    admin.print_table([["a", "bbbb"], ["ccc", "d"]], ["X", "Y"], out)
+    lines = out.getvalue().splitlines()
+    assert lines == ["X    Y", "a    bbbb", "ccc  d"]
+
+
+async def test_below_threshold_log_names_the_override(tmp_path: Path) -> None:
+    kmsd = start_kmsd()
+    try:
+        await activate(kmsd.host, kmsd.port, "Windows 10/11 Enterprise")
+        entry = await asyncio.to_thread(kmsd.read_log_until, "activation")
+    finally:
+        stop_kmsd(kmsd)
+    assert "count 1 of 25" in str(entry["below_threshold"])
+    assert "--precharge 24" in str(entry["below_threshold"])
+
+
+async def test_lab_overrides_are_logged_at_start_and_work(tmp_path: Path) -> None:
+    kmsd = start_kmsd("--precharge", "24", "--record-lifetime", "7")
+    try:
+        assert await activate(kmsd.host, kmsd.port, "Windows 10/11 Enterprise") == 25
+    finally:
+        stop_kmsd(kmsd)
+    overrides = {e.get("override") for e in kmsd.log if e["event"].startswith("lab override")}
+    assert overrides == {"precharge", "record_lifetime_days"}
