@@ -2,16 +2,24 @@
 
 V5 is plain AES-128 and uses `cryptography`. V4's 160-bit-key Rijndael and V6's AES with
 three altered round-key bytes cannot be expressed with a standard library, so they are
-written here once, as a table-driven Rijndael that serves both.
+written here once, as a table-driven Rijndael that serves both: `PyRijndael` in pure
+Python, and `CRijndael`, its compiled twin from the optional C extension
+`kmsd.protocol._rijndael` (built by `pip install` when a C compiler is available).
+Both take the key schedule from `expand_key`, so the schedule and the V6 tweak are defined
+once. `Rijndael` is `CRijndael` when the extension imports and the environment variable
+KMSD_PURE_PYTHON is not set to a non-empty value other than 0, else `PyRijndael`.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
+import os
 import struct
+import threading
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
@@ -120,7 +128,12 @@ class BlockCipher(Protocol):
     def cbc_decrypt(self, iv: bytes, data: bytes) -> bytes: ...
 
 
-class Rijndael:
+def _schedule_bytes(key: bytes, tweak: dict[int, int] | None) -> bytes:
+    words = expand_key(key, tweak)
+    return struct.pack(f">{len(words)}I", *words)
+
+
+class PyRijndael:
     """Rijndael with a 128-bit block, any standard key size, optionally altered round keys."""
 
     def __init__(self, key: bytes, tweak: dict[int, int] | None = None) -> None:
@@ -275,12 +288,15 @@ class Rijndael:
         )
 
     def encrypt_block(self, block: bytes) -> bytes:
+        _check_block(block, "block")
         return struct.pack(">4I", *self._encrypt(*struct.unpack(">4I", block)))
 
     def decrypt_block(self, block: bytes) -> bytes:
+        _check_block(block, "block")
         return struct.pack(">4I", *self._decrypt(*struct.unpack(">4I", block)))
 
     def cbc_encrypt(self, iv: bytes, data: bytes) -> bytes:
+        _check_block(iv, "iv")
         _check_blocks(data)
         words = struct.unpack(f">{len(data) // 4}I", data)
         c0, c1, c2, c3 = struct.unpack(">4I", iv)
@@ -294,6 +310,7 @@ class Rijndael:
         return struct.pack(f">{len(out)}I", *out)
 
     def cbc_decrypt(self, iv: bytes, data: bytes) -> bytes:
+        _check_block(iv, "iv")
         _check_blocks(data)
         words = struct.unpack(f">{len(data) // 4}I", data)
         p0, p1, p2, p3 = struct.unpack(">4I", iv)
@@ -318,30 +335,90 @@ class Rijndael:
         return struct.pack(">4I", s0, s1, s2, s3)
 
 
+try:
+    from . import _rijndael
+except ImportError:  # built without a C compiler: pure Python only
+    _rijndael = None  # type: ignore[assignment]
+
+if _rijndael is not None:
+
+    class CRijndael(_rijndael.Rijndael):
+        """The compiled twin of PyRijndael (kmsd/protocol/_rijndael.c), same interface."""
+
+        __slots__ = ()
+
+        def __init__(self, key: bytes, tweak: dict[int, int] | None = None) -> None:
+            super().__init__(_schedule_bytes(key, tweak))
+
+    ACCELERATED_AVAILABLE = True
+else:
+    ACCELERATED_AVAILABLE = False
+
+ACCELERATED = ACCELERATED_AVAILABLE and os.environ.get("KMSD_PURE_PYTHON", "") in ("", "0")
+"""True when `Rijndael` (and so E4, E6) is the compiled implementation."""
+
+if TYPE_CHECKING:
+    Rijndael = PyRijndael
+elif ACCELERATED:
+    Rijndael = CRijndael
+else:
+    Rijndael = PyRijndael
+
+
 class Aes:
-    """Standard AES through `cryptography`, with the same interface as Rijndael."""
+    """Standard AES through `cryptography`, with the same interface as Rijndael.
+
+    Building a `Cipher` and a context costs microseconds, more than the AES itself, so
+    the contexts live as long as the object:
+    * ECB is stateless, so one encryptor and one decryptor serve every block call;
+    * CBC decryption of whole blocks is ECB decryption XOR (IV ‖ C[:-16]), in one call;
+    * CBC encryption keeps one running CBC encryptor; its chaining value is the last
+      ciphertext block it produced (`_chain`). To start a message with another IV, the
+      first plaintext block is XORed with IV ⊕ _chain, so the context's own XOR with
+      _chain leaves exactly P0 ⊕ IV. The lock keeps `_chain` and the context in step.
+    """
 
     def __init__(self, key: bytes) -> None:
-        self._algorithm = algorithms.AES(key)
-        self._ecb = Cipher(self._algorithm, modes.ECB())
+        algorithm = algorithms.AES(key)
+        ecb = Cipher(algorithm, modes.ECB())
+        self._ecb_encrypt = ecb.encryptor().update
+        self._ecb_decrypt = ecb.decryptor().update
+        self._cbc_encrypt = Cipher(algorithm, modes.CBC(bytes(BLOCK))).encryptor().update
+        self._chain = 0
+        self._lock = threading.Lock()
 
     def encrypt_block(self, block: bytes) -> bytes:
-        enc = self._ecb.encryptor()
-        return enc.update(block) + enc.finalize()
+        _check_block(block, "block")
+        return self._ecb_encrypt(block)
 
     def decrypt_block(self, block: bytes) -> bytes:
-        dec = self._ecb.decryptor()
-        return dec.update(block) + dec.finalize()
+        _check_block(block, "block")
+        return self._ecb_decrypt(block)
 
     def cbc_encrypt(self, iv: bytes, data: bytes) -> bytes:
+        _check_block(iv, "iv")
         _check_blocks(data)
-        enc = Cipher(self._algorithm, modes.CBC(iv)).encryptor()
-        return enc.update(data) + enc.finalize()
+        if not data:
+            return b""
+        with self._lock:
+            first = int.from_bytes(data[:BLOCK], "big") ^ int.from_bytes(iv, "big") ^ self._chain
+            out = self._cbc_encrypt(first.to_bytes(BLOCK, "big") + data[BLOCK:])
+            self._chain = int.from_bytes(out[-BLOCK:], "big")
+        return out
 
     def cbc_decrypt(self, iv: bytes, data: bytes) -> bytes:
+        _check_block(iv, "iv")
         _check_blocks(data)
-        dec = Cipher(self._algorithm, modes.CBC(iv)).decryptor()
-        return dec.update(data) + dec.finalize()
+        if not data:
+            return b""
+        n = len(data)
+        plain = int.from_bytes(self._ecb_decrypt(data), "big")
+        return (plain ^ int.from_bytes(iv + data[:-BLOCK], "big")).to_bytes(n, "big")
+
+
+def _check_block(block: bytes, what: str) -> None:
+    if len(block) != BLOCK:
+        raise ValueError(f"{what} must be {BLOCK} bytes, got {len(block)}")
 
 
 def _check_blocks(data: bytes) -> None:
@@ -376,7 +453,12 @@ def pkcs7_unpad(data: bytes) -> bytes | None:
 
 
 def v6_hmac_key(request_time: int) -> bytes:
-    slot = ((request_time // C1) * C2 + C3) & 0xFFFFFFFFFFFFFFFF
+    return _slot_key(((request_time // C1) * C2 + C3) & 0xFFFFFFFFFFFFFFFF)
+
+
+@functools.lru_cache(maxsize=16)
+def _slot_key(slot: int) -> bytes:
+    # The slot changes every ~4.1 h of client time, so nearly every request hits the cache.
     return hashlib.sha256(slot.to_bytes(8, "little")).digest()[16:]
 
 
