@@ -14,8 +14,9 @@ from typing import Any, Protocol
 import structlog
 
 from .host import KmsHost
+from .limits import Admission, Network
 from .protocol.connection import AssociationGroups, Call, Close, Send, ServerConnection
-from .protocol.errors import KmsError
+from .protocol.errors import FaultStatus, KmsError
 
 log = structlog.get_logger("kmsd")
 
@@ -33,7 +34,11 @@ class Durable(Protocol):
 class ServerSettings:
     listen: tuple[tuple[str, int], ...] = (("0.0.0.0", DEFAULT_PORT), ("::", DEFAULT_PORT))
     idle_timeout: float = 30.0  # seconds without a byte before a connection is closed
+    read_timeout: float = 10.0  # seconds a PDU may take to arrive once it has begun
     max_connections: int = 1000
+    max_connections_per_ip: int = 256
+    allow: tuple[Network, ...] = ()  # networks served; empty: everyone
+    rate_per_ip: float = 0.0  # activation requests per second per address; 0: unlimited
     max_pdu: int = 5840  # bytes; also the largest fragment offered in bind_ack
     ndr64: bool = True
     btfn: bool = True
@@ -58,6 +63,12 @@ class KmsServer:
         self.store = store
         self._all_closed = asyncio.Event()
         self.groups = AssociationGroups(settings.groups_seed)
+        self.admission = Admission(
+            settings.max_connections,
+            settings.max_connections_per_ip,
+            settings.allow,
+            settings.rate_per_ip,
+        )
         self.connections: set[_KmsProtocol] = set()
         self._servers: list[asyncio.Server] = []
         self.addresses: list[tuple[str, int]] = []
@@ -123,7 +134,9 @@ class _KmsProtocol(asyncio.Protocol):
         self.server = server
         self.conn: ServerConnection | None = None
         self.peer = "?"
+        self.address = "?"
         self.last_seen = 0.0
+        self.partial_since: float | None = None  # when the PDU still arriving began
         self.timer: asyncio.TimerHandle | None = None
         # Replies in order, each with the commit it waits for (None: nothing to wait for).
         self.outbox: deque[tuple[bytes, asyncio.Future[None] | None]] = deque()
@@ -134,13 +147,12 @@ class _KmsProtocol(asyncio.Protocol):
         self.transport = transport
         server = self.server
         peer = transport.get_extra_info("peername")
+        self.address = peer[0] if peer else "?"
         self.peer = _fmt(peer[0], peer[1]) if peer else "?"
-        if len(server.connections) >= server.settings.max_connections:
-            log.warning(
-                "connection refused",
-                client=self.peer,
-                reason=f"{server.settings.max_connections} connections already open",
-            )
+        loop = asyncio.get_running_loop()
+        refused = server.admission.admit(self.address, loop.time())
+        if refused is not None:
+            log.warning("connection refused", client=self.peer, reason=refused)
             transport.abort()
             return
         settings = server.settings
@@ -152,28 +164,44 @@ class _KmsProtocol(asyncio.Protocol):
             max_pdu=settings.max_pdu,
         )
         server.connections.add(self)
-        loop = asyncio.get_running_loop()
         self.last_seen = loop.time()
-        self.timer = loop.call_later(settings.idle_timeout, self._check_idle)
+        self.timer = loop.call_later(
+            min(settings.idle_timeout, settings.read_timeout), self._check_time
+        )
         log.debug("connection opened", client=self.peer)
 
-    def _check_idle(self) -> None:
+    def _check_time(self) -> None:
+        """Close a connection that is idle too long, or whose PDU arrives too slowly."""
         loop = asyncio.get_running_loop()
-        idle = loop.time() - self.last_seen
-        timeout = self.server.settings.idle_timeout
-        if idle >= timeout:
-            log.debug("connection idle, closing", client=self.peer, idle_s=round(idle, 1))
-            self.transport.close()
+        now = loop.time()
+        settings = self.server.settings
+        deadline = self.last_seen + settings.idle_timeout
+        if self.partial_since is not None:
+            deadline = min(deadline, self.partial_since + settings.read_timeout)
+        if now < deadline:
+            self.timer = loop.call_at(deadline, self._check_time)
+            return
+        if self.partial_since is not None and now >= self.partial_since + settings.read_timeout:
+            log.warning(
+                "closing connection",
+                client=self.peer,
+                reason=f"PDU incomplete after {settings.read_timeout:g} s",
+            )
         else:
-            self.timer = loop.call_later(timeout - idle, self._check_idle)
+            log.debug("connection idle, closing", client=self.peer)
+        self.transport.close()
 
     def data_received(self, data: bytes) -> None:
         conn = self.conn
         if conn is None or self.closing:
             return
-        self.last_seen = asyncio.get_running_loop().time()
+        now = self.last_seen = asyncio.get_running_loop().time()
         for event in conn.feed(data):
             if isinstance(event, Call):
+                if not self.server.admission.take(self.address, now):
+                    log.warning("request refused", client=self.peer, reason="rate limit")
+                    self._send(event.fault(FaultStatus.SERVER_TOO_BUSY), None)
+                    continue
                 try:
                     reply = self._answer(event)
                 except Exception:
@@ -190,6 +218,11 @@ class _KmsProtocol(asyncio.Protocol):
             elif isinstance(event, Close):
                 log.warning("closing connection", client=self.peer, reason=event.reason)
                 self.close_when_flushed()
+        if conn.pending_bytes():
+            if self.partial_since is None:
+                self.partial_since = now
+        else:
+            self.partial_since = None
 
     def _send(self, data: bytes, committed: asyncio.Future[None] | None) -> None:
         if not self.outbox and committed is None:
@@ -274,5 +307,6 @@ class _KmsProtocol(asyncio.Protocol):
             self.timer.cancel()
         if self.conn is not None:
             self.conn.close()
+            self.server.admission.release(self.address)
             self.server._forget(self)
             log.debug("connection closed", client=self.peer)

@@ -175,7 +175,7 @@ def test_help_explains_the_options() -> None:
             ["--epid", "No Such Product=03612-00206-556-123727-03-1033-17763.0000-2972018"],
             "neither a GUID nor a known",
         ),
-        (["--max-pdu", "100"], "--max-pdu must be between"),
+        (["--max-pdu", "100"], "must be between 1432 and 65535"),
     ],
 )
 def test_bad_arguments_are_named(args: list[str], message: str) -> None:

@@ -74,6 +74,10 @@ class Call:
     def reply_error(self, hresult: int) -> bytes:
         return self._respond(ndr.wrap_error(hresult, self.ndr64))
 
+    def fault(self, status: int) -> bytes:
+        """Refuse the call without executing it (e.g. nca_s_server_too_busy)."""
+        return Fault(self.call_id, self.context_id, status).encode()
+
     def _respond(self, stub: bytes) -> bytes:
         # A KMS response stub (at most 288 bytes) always fits the 1432-byte fragment every
         # DCE-RPC peer must accept, so responses are never fragmented.

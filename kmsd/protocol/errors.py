@@ -23,6 +23,7 @@ class FaultStatus(IntEnum):
     UNK_IF = 0x1C010003
     OP_RNG_ERROR = 0x1C010002
     BAD_STUB_DATA = 0x000006F7  # nca_s_fault_ndr / RPC_X_BAD_STUB_DATA
+    SERVER_TOO_BUSY = 0x1C010014  # nca_s_server_too_busy
 
 
 class KmsError(Exception):

@@ -1,0 +1,551 @@
+"""Every option of kmsd, once: its command-line flag, environment variable and TOML key.
+
+Precedence: command line > environment (KMSD_*) > configuration file > defaults. The
+file is `--config PATH`, else $KMSD_CONFIG, else /etc/kmsd/kmsd.toml when it exists. Its
+tables are the option groups below ([network], [host], [table], [logging]).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+from .cache import RECORD_LIFETIME
+from .host import DEFAULT_ACTIVATION_INTERVAL, DEFAULT_RENEWAL_INTERVAL
+from .protocol.epid import parse_epid
+from .protocol.products import products
+from .store import MEMORY, default_path
+
+DEFAULT_PORT = 1688
+DEFAULT_CONFIG = Path("/etc/kmsd/kmsd.toml")
+ENV_PREFIX = "KMSD_"
+
+
+class ConfigError(Exception):
+    """Options that cannot be used; each line names the option, its source and the problem."""
+
+
+# Parsers: text in, value out, ValueError with a message that stands on its own.
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """HOST:PORT, [IPv6]:PORT, HOST (port 1688) or :PORT (all IPv4 addresses)."""
+    host, port = text, str(DEFAULT_PORT)
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0 or text[end + 1 : end + 2] not in ("", ":"):
+            raise ValueError(f"{text!r}: expected [IPv6]:PORT")
+        host, rest = text[1:end], text[end + 2 :]
+        port = rest or port
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+        host = host or "0.0.0.0"
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{text!r}: port must be 0-65535")
+    return host, int(port)
+
+
+def show_listen(value: tuple[str, int]) -> str:
+    host, port = value
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def parse_hwid(text: str) -> bytes:
+    try:
+        value = bytes.fromhex(text)
+    except ValueError:
+        value = b""
+    if len(value) != 8:
+        raise ValueError(f"{text!r}: HWID must be 16 hex digits")
+    return value
+
+
+def parse_epid_override(text: str) -> tuple[UUID, str]:
+    """KMS=EPID, where KMS is a KMS counted ID or the name of a KMS group or SKU."""
+    kms, sep, epid = text.partition("=")
+    if not sep:
+        raise ValueError(f"{text!r}: expected KMS-ID-OR-NAME=EPID")
+    parse_epid(epid)
+    db = products()
+    try:
+        return UUID(kms), epid
+    except ValueError:
+        pass
+    for item in db.kms_items.values():
+        if item.name.casefold() == kms.casefold():
+            return item.id, epid
+    if (sku := db.sku_by_name(kms)) is not None:
+        return sku.kms.id, epid
+    raise ValueError(f"{kms!r} is neither a GUID nor a known KMS group or SKU")
+
+
+def parse_network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    try:
+        return ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an address or network (CIDR)") from None
+
+
+def number(
+    kind: type[int] | type[float], low: float, high: float | None = None
+) -> Callable[[str], Any]:
+    def convert(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise ValueError(f"{text!r} is not a{' whole' if kind is int else ''} number") from None
+        if value < low or (high is not None and value > high):
+            span = f"at least {low:g}" if high is None else f"between {low:g} and {high:g}"
+            raise ValueError(f"{text!r} must be {span}")
+        return value
+
+    return convert
+
+
+def parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{text!r} is not a boolean (true/false)")
+
+
+def one_of(*choices: str) -> Callable[[str], str]:
+    def convert(text: str) -> str:
+        if text not in choices:
+            raise ValueError(f"{text!r} is not one of {', '.join(choices)}")
+        return text
+
+    return convert
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str  # attribute, TOML key (in its section) and, upper-cased, the KMSD_ variable
+    section: str
+    parse: Callable[[str], Any]
+    default: Any
+    help: str
+    metavar: str | None = None
+    repeat: bool = False  # a list: repeatable flag, TOML array, comma-separated variable
+    flag: bool = False  # a boolean switch; a default-true one is turned off by --no-NAME
+    reload: bool = False  # SIGHUP applies a change without a restart
+    show: Callable[[Any], str] = str
+
+    @property
+    def cli(self) -> str:
+        dashed = self.name.replace("_", "-")
+        return f"--no-{dashed}" if self.flag and self.default else f"--{dashed}"
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+    @property
+    def key(self) -> str:
+        return f"{self.section}.{self.name}"
+
+
+def _hex(value: bytes) -> str:
+    return value.hex().upper()
+
+
+def _epid_show(value: tuple[UUID, str]) -> str:
+    return f"{value[0]}={value[1]}"
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option(
+        "listen",
+        "network",
+        parse_listen,
+        [("0.0.0.0", DEFAULT_PORT), ("::", DEFAULT_PORT)],
+        "address to listen on; repeat for several; [IPv6]:PORT for IPv6",
+        "HOST:PORT",
+        repeat=True,
+        show=show_listen,
+    ),
+    Option(
+        "idle_timeout",
+        "network",
+        number(float, 0.001),
+        30.0,
+        "close a connection after this many seconds without data",
+        "SECONDS",
+    ),
+    Option(
+        "read_timeout",
+        "network",
+        number(float, 0.001),
+        10.0,
+        "close a connection whose PDU is still incomplete after this many seconds (slow senders)",
+        "SECONDS",
+    ),
+    Option(
+        "max_connections",
+        "network",
+        number(int, 1),
+        1000,
+        "connections served at once; more are refused",
+        "N",
+    ),
+    Option(
+        "max_connections_per_ip",
+        "network",
+        number(int, 1),
+        256,
+        "connections served at once from one address; more are refused",
+        "N",
+    ),
+    Option(
+        "rate_per_ip",
+        "network",
+        number(float, 0),
+        0.0,
+        "activation requests per second from one address (bursts of twice that); more "
+        "get an RPC 'server too busy' fault; 0: unlimited",
+        "PER_SECOND",
+    ),
+    Option(
+        "max_pdu",
+        "network",
+        number(int, 1432, 65535),
+        5840,
+        "largest RPC fragment accepted, in bytes (1432-65535)",
+        "BYTES",
+    ),
+    Option(
+        "allow",
+        "network",
+        parse_network,
+        [],
+        "serve only clients from this network (CIDR); repeatable; default: everyone",
+        "CIDR",
+        repeat=True,
+    ),
+    Option(
+        "ndr64",
+        "network",
+        parse_bool,
+        True,
+        "refuse NDR64 and answer in NDR32 only, like a pre-Windows 8 host",
+        flag=True,
+    ),
+    Option("btfn", "network", parse_bool, True, "refuse bind-time feature negotiation", flag=True),
+    Option(
+        "activation_interval",
+        "host",
+        number(int, 1),
+        DEFAULT_ACTIVATION_INTERVAL,
+        "minutes an unactivated client waits before it retries",
+        "MINUTES",
+        reload=True,
+    ),
+    Option(
+        "renewal_interval",
+        "host",
+        number(int, 1),
+        DEFAULT_RENEWAL_INTERVAL,
+        "minutes between renewals of an activated client",
+        "MINUTES",
+        reload=True,
+    ),
+    Option(
+        "hwid",
+        "host",
+        parse_hwid,
+        None,
+        "host hardware ID sent in V6 replies (default: random at first start, then kept)",
+        "HEX16",
+        show=_hex,
+    ),
+    Option(
+        "epid",
+        "host",
+        parse_epid_override,
+        [],
+        "fixed ePID for a KMS counted ID (GUID) or a KMS group or SKU name; repeatable "
+        "(default: generated per host key at first start, then kept)",
+        "KMS=EPID",
+        repeat=True,
+        reload=True,
+        show=_epid_show,
+    ),
+    Option(
+        "strict",
+        "host",
+        parse_bool,
+        False,
+        "refuse unknown, retail and preview products and App/KMS ID mismatches with "
+        "0xC004F042, as a real host would",
+        flag=True,
+        reload=True,
+    ),
+    Option(
+        "max_clock_skew",
+        "host",
+        number(float, 0.001),
+        None,
+        "refuse requests whose time is further off than this many hours with 0xC004F06C "
+        "(a real host allows 4); default: accept any time",
+        "HOURS",
+        reload=True,
+    ),
+    Option(
+        "verify",
+        "host",
+        parse_bool,
+        True,
+        "accept requests with a bad V4 MAC or bad V5/V6 padding",
+        flag=True,
+        reload=True,
+    ),
+    Option(
+        "db",
+        "table",
+        str,
+        str(default_path()),
+        f"SQLite database of the client table and the host's identity; {MEMORY} for a "
+        "throwaway run",
+        "PATH",
+    ),
+    Option(
+        "precharge",
+        "table",
+        number(int, 0),
+        0,
+        "lab override: report N more clients than counted, so that the first client "
+        "already meets its threshold (24 for Windows clients)",
+        "N",
+        reload=True,
+    ),
+    Option(
+        "fixed_count",
+        "table",
+        number(int, 0),
+        None,
+        "lab override: report this count to every client",
+        "N",
+        reload=True,
+    ),
+    Option(
+        "capacity",
+        "table",
+        number(int, 1),
+        None,
+        "lab override: a fixed table size instead of 2 x the highest threshold seen",
+        "N",
+    ),
+    Option(
+        "record_lifetime",
+        "table",
+        number(float, 0.001),
+        RECORD_LIFETIME / 86400,
+        "lab override: days a client's record counts (a real host: 30)",
+        "DAYS",
+    ),
+    Option(
+        "log_format",
+        "logging",
+        one_of("console", "json"),
+        "console",
+        "human-readable lines, or one JSON object per line",
+        "{console,json}",
+    ),
+    Option(
+        "log_level",
+        "logging",
+        one_of("debug", "info", "warning", "error"),
+        "info",
+        "the least important messages shown",
+        "{debug,info,warning,error}",
+        reload=True,
+    ),
+)
+BY_NAME = {o.name: o for o in OPTIONS}
+SECTIONS = tuple(dict.fromkeys(o.section for o in OPTIONS))
+
+
+@dataclass
+class Effective:
+    """The options in force, and where each value came from."""
+
+    values: dict[str, Any]
+    sources: dict[str, str]
+    config_file: Path | None
+
+    def namespace(self) -> argparse.Namespace:
+        return argparse.Namespace(**self.values)
+
+
+def _argparse_type(option: Option) -> Callable[[str], Any]:
+    def convert(text: str) -> Any:
+        try:
+            return option.parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return convert
+
+
+def add_options(parser: argparse.ArgumentParser) -> None:
+    """Add every option to `parser`; unset options stay absent from the namespace."""
+    parser.add_argument(
+        "--config",
+        metavar="PATH",
+        default=argparse.SUPPRESS,
+        help=f"TOML configuration file (default: $KMSD_CONFIG, else "
+        f"{DEFAULT_CONFIG} when it exists)",
+    )
+    groups = {s: parser.add_argument_group(s) for s in SECTIONS}
+    for option in OPTIONS:
+        default = option.default
+        if option.repeat:
+            shown = ", ".join(option.show(v) for v in default) if default else None
+        else:
+            shown = None if default is None or option.flag else option.show(default)
+        help_text = option.help + (f" (default: {shown})" if shown else "")
+        help_text += f" [{option.env}]"
+        if option.flag:
+            groups[option.section].add_argument(
+                option.cli,
+                dest=option.name,
+                default=argparse.SUPPRESS,
+                action="store_false" if option.default else "store_true",
+                help=help_text,
+            )
+        else:
+            groups[option.section].add_argument(
+                option.cli,
+                dest=option.name,
+                default=argparse.SUPPRESS,
+                metavar=option.metavar,
+                type=_argparse_type(option),
+                action="append" if option.repeat else "store",
+                help=help_text,
+            )
+
+
+def _from_text(option: Option, text: str) -> Any:
+    if option.repeat:
+        return [option.parse(part.strip()) for part in text.split(",") if part.strip()]
+    return option.parse(text)
+
+
+def _from_toml(option: Option, value: object) -> Any:
+    if option.repeat:
+        if not isinstance(value, list):
+            raise ValueError(f"expected an array, got {type(value).__name__}")
+        return [option.parse(str(v)) for v in value]
+    if option.flag:
+        if not isinstance(value, bool):
+            raise ValueError(f"expected true or false, got {value!r}")
+        return value
+    if isinstance(value, dict | list):
+        raise ValueError(f"expected a single value, got {type(value).__name__}")
+    return option.parse(str(value))
+
+
+def read_file(path: Path) -> dict[str, Any]:
+    """The options of a TOML file; ConfigError lists every problem, by key."""
+    try:
+        data = tomllib.loads(path.read_text("utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    values: dict[str, Any] = {}
+    problems = []
+    for section, table in data.items():
+        if section not in SECTIONS or not isinstance(table, dict):
+            problems.append(f"{path}: [{section}]: unknown table (known: {', '.join(SECTIONS)})")
+            continue
+        for key, raw in table.items():
+            option = BY_NAME.get(key)
+            if option is None or option.section != section:
+                hint = f" (did you mean {BY_NAME[key].key}?)" if key in BY_NAME else ""
+                problems.append(f"{path}: {section}.{key}: unknown option{hint}")
+                continue
+            try:
+                values[key] = _from_toml(option, raw)
+            except ValueError as exc:
+                problems.append(f"{path}: {option.key}: {exc}")
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return values
+
+
+def read_environment(environ: Mapping[str, str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    problems = []
+    by_env = {o.env: o for o in OPTIONS}
+    for name, text in environ.items():
+        if not name.startswith(ENV_PREFIX) or name == "KMSD_CONFIG":
+            continue
+        option = by_env.get(name)
+        if option is None:
+            problems.append(f"environment {name}: unknown option")
+            continue
+        try:
+            values[option.name] = _from_text(option, text)
+        except ValueError as exc:
+            problems.append(f"environment {name}: {exc}")
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return values
+
+
+def resolve(cli: dict[str, Any], environ: Mapping[str, str] = os.environ) -> Effective:
+    """Merge defaults, file, environment and command line (`cli`: only what was given)."""
+    cli = dict(cli)
+    given = cli.pop("config", None) or environ.get("KMSD_CONFIG")
+    config_file = Path(given) if given else (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
+    values = {o.name: o.default for o in OPTIONS}
+    sources = dict.fromkeys(values, "default")
+    layers = [
+        (str(config_file), read_file(config_file) if config_file else {}),
+        ("environment", read_environment(environ)),
+        ("command line", cli),
+    ]
+    for source, layer in layers:
+        for name, value in layer.items():
+            values[name] = value
+            sources[name] = source
+    return Effective(values, sources, config_file)
+
+
+def render(effective: Effective) -> str:
+    """The effective configuration as a TOML file, each value's source in a comment."""
+    lines = [f"# effective kmsd configuration (file: {effective.config_file or 'none'})"]
+    for section in SECTIONS:
+        lines.append(f"\n[{section}]")
+        for option in (o for o in OPTIONS if o.section == section):
+            value = effective.values[option.name]
+            source = effective.sources[option.name]
+            if value is None:
+                lines.append(f"# {option.name} is not set  # {source}")
+                continue
+            lines.append(f"{option.name} = {_toml(option, value)}  # {source}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml(option: Option, value: Any) -> str:
+    if option.repeat:
+        return "[" + ", ".join(_quote(option.show(v)) for v in value) + "]"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return _quote(option.show(value))
+
+
+def _quote(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'

@@ -1,0 +1,157 @@
+"""Configuration: precedence, validation messages that name the key, check-config."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from kmsd import config
+from kmsd.cli import build_parser
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "deploy" / "kmsd.toml"
+
+
+def resolve(argv: list[str], env: dict[str, str]) -> config.Effective:
+    return config.resolve(vars(build_parser().parse_args(argv)), env)
+
+
+def test_precedence_cli_over_environment_over_file_over_defaults(tmp_path: Path) -> None:
+    file = tmp_path / "kmsd.toml"
+    file.write_text(
+        '[network]\nidle_timeout = 5\nlisten = ["127.0.0.1:2000"]\n'
+        "[host]\nstrict = true\n[table]\nprecharge = 3\n"
+    )
+    env = {"KMSD_CONFIG": str(file), "KMSD_IDLE_TIMEOUT": "6", "KMSD_PRECHARGE": "4"}
+    eff = resolve(["--idle-timeout", "7"], env)
+    assert eff.values["idle_timeout"] == 7.0 and eff.sources["idle_timeout"] == "command line"
+    assert eff.values["precharge"] == 4 and eff.sources["precharge"] == "environment"
+    assert eff.values["strict"] is True and eff.sources["strict"] == str(file)
+    assert eff.values["listen"] == [("127.0.0.1", 2000)]
+    assert eff.values["renewal_interval"] == 10080 and eff.sources["renewal_interval"] == "default"
+    eff = resolve([], {"KMSD_CONFIG": str(file)})
+    assert eff.values["idle_timeout"] == 5.0
+    eff = resolve(["--config", str(file), "--no-ndr64", "--listen", "[::1]:1688"], {})
+    assert eff.values["ndr64"] is False and eff.values["listen"] == [("::1", 1688)]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            '[network]\nlisten = ["1.2.3.4:99999"]\n',
+            "network.listen: '1.2.3.4:99999': port must be",
+        ),
+        ('[network]\nlisten = "1.2.3.4:1688"\n', "network.listen: expected an array"),
+        ("[network]\nmax_pdu = 100\n", "network.max_pdu: '100' must be between 1432 and 65535"),
+        ("[network]\nndr64 = 1\n", "network.ndr64: expected true or false"),
+        (
+            "[network]\nstrict = true\n",
+            "network.strict: unknown option (did you mean host.strict?)",
+        ),
+        ("[dns]\nzone = 'x'\n", "[dns]: unknown table"),
+        ('[host]\nhwid = "12"\n', "host.hwid: '12': HWID must be 16 hex digits"),
+        (
+            '[host]\nepid = ["Nope=03612-00206-556-123727-03-1033-17763.0000-2972018"]\n',
+            "host.epid: 'Nope' is neither a GUID nor a known KMS group or SKU",
+        ),
+        ("[table\n", "not valid TOML"),
+    ],
+)
+def test_file_errors_name_the_key(tmp_path: Path, text: str, message: str) -> None:
+    file = tmp_path / "bad.toml"
+    file.write_text(text)
+    with pytest.raises(config.ConfigError) as info:
+        resolve(["--config", str(file)], {})
+    assert message in str(info.value)
+    assert str(file) in str(info.value)
+
+
+def test_environment_errors_name_the_variable() -> None:
+    with pytest.raises(config.ConfigError, match="KMSD_IDLE_TIMEOUT: 'soon' is not a number"):
+        resolve([], {"KMSD_IDLE_TIMEOUT": "soon"})
+    with pytest.raises(config.ConfigError, match="KMSD_LISTNE: unknown option"):
+        resolve([], {"KMSD_LISTNE": "1.2.3.4"})
+    eff = resolve([], {"KMSD_LISTEN": "127.0.0.1:1, [::1]:2", "KMSD_STRICT": "yes"})
+    assert eff.values["listen"] == [("127.0.0.1", 1), ("::1", 2)] and eff.values["strict"]
+
+
+def test_missing_config_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(config.ConfigError, match="cannot read"):
+        resolve(["--config", str(tmp_path / "none.toml")], {})
+
+
+def kmsd(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "kmsd", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        env=env,
+    )
+
+
+def test_check_config_prints_a_file_that_reads_back_the_same(tmp_path: Path) -> None:
+    result = kmsd(
+        "check-config",
+        "--strict",
+        "--epid",
+        "Windows 10/11 Enterprise=03612-00206-556-123727-03-1033-17763.0000-2972018",
+        "--hwid",
+        "3a1c049600b60076",
+        "--allow",
+        "10.0.0.0/8",
+        "--db",
+        ":memory:",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "strict = true  # command line" in result.stdout
+    assert "idle_timeout = 30.0  # default" in result.stdout
+    printed = tmp_path / "printed.toml"
+    printed.write_text(result.stdout)
+    tomllib.loads(result.stdout)
+    again = resolve(["--config", str(printed)], {})
+    original = resolve(
+        [
+            "--strict",
+            "--epid",
+            "Windows 10/11 Enterprise=03612-00206-556-123727-03-1033-17763.0000-2972018",
+            "--hwid",
+            "3a1c049600b60076",
+            "--allow",
+            "10.0.0.0/8",
+            "--db",
+            ":memory:",
+        ],
+        {},
+    )
+    assert again.values == original.values
+
+
+def test_bad_configuration_exits_2_without_traceback(tmp_path: Path) -> None:
+    file = tmp_path / "bad.toml"
+    file.write_text("[network]\nidle_timeout = -1\n")
+    result = kmsd("--config", str(file))
+    assert result.returncode == 2
+    assert re.search(r"network\.idle_timeout: '-1' must be at least", result.stderr)
+    assert "Traceback" not in result.stderr
+
+
+def test_example_file_documents_every_option_with_valid_values() -> None:
+    section = ""
+    seen = set()
+    for line in EXAMPLE.read_text().splitlines():
+        if line.startswith("["):
+            section = line.strip("[]")
+        elif line.startswith("# ") and " = " in line:
+            key, value = line[2:].split(" = ", 1)
+            option = config.BY_NAME[key]
+            assert option.section == section, key
+            config._from_toml(option, tomllib.loads(f"v = {value}")["v"])
+            seen.add(key)
+    assert seen == set(config.BY_NAME)
