@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from kmsd.host import filetime
 from kmsd.protocol import ndr
 from kmsd.protocol.errors import HResult, KmsError, NotGenuine
-from kmsd.protocol.kms import BaseRequest, KmsResponse, decode_response, encode_request
+from kmsd.protocol.kms import BaseRequest, KmsResponse, encode_request
 from kmsd.protocol.products import Sku
 from kmsd.protocol.rpc import (
     HEADER_SIZE,
@@ -30,12 +30,21 @@ from kmsd.protocol.rpc import (
     ContextElement,
     Fault,
     Flags,
+    PType,
     Request,
     Response,
-    Result,
     btfn_syntax,
-    frag_length_of,
     parse_pdu,
+)
+
+from .verify import (
+    Offered,
+    check_bind_ack,
+    check_flags_clear,
+    check_header,
+    check_pdu,
+    check_response_stub,
+    verify_reply,
 )
 
 NIL_UUID = uuid.UUID(int=0)
@@ -73,7 +82,20 @@ def base_request(
 
 
 class RpcError(Exception):
-    """The host answered at the RPC level with something other than a usable response."""
+    """The host refused at the RPC level: a fault PDU or a bind_nak."""
+
+
+class HostRefused(KmsError):
+    """The host answered the call with a non-zero HRESULT (the NDR error form)."""
+
+    def __init__(self, status: int) -> None:
+        known = status in HResult._value2member_map_
+        name = HResult(status).name if known else "unknown"
+        super().__init__(
+            HResult(status) if known else HResult.S_OK,
+            f"host answered HRESULT 0x{status:08X} ({name})",
+        )
+        self.status = status
 
 
 @dataclass(frozen=True)
@@ -83,34 +105,79 @@ class BindOptions:
     multiplex: bool = True  # set PFC_CONC_MPX in the bind
 
 
+@dataclass(frozen=True, slots=True)
+class PreparedRequest:
+    """An encoded KMS request with what is needed to verify its reply."""
+
+    base: BaseRequest
+    iv: bytes  # V5/V6 client IV; empty for V4
+    message: bytes  # the KMS request as sent
+
+
+def prepare(base: BaseRequest, iv: bytes | None = None) -> PreparedRequest:
+    """Encode `base`; V5/V6 get a random IV unless one is given (to replay a capture)."""
+    if base.major < 5:
+        iv = b""
+    elif iv is None:
+        iv = os.urandom(16)
+    return PreparedRequest(base, iv, encode_request(base, iv=iv))
+
+
 class RpcClient:
-    """Bind state and call ids of one connection, sans-IO."""
+    """Bind state and call ids of one connection, sans-IO. Every PDU received is checked
+    as vlmcs checks it (kmsclient.verify); a failure raises NotGenuine, vlmcs's warnings
+    collect in `warnings`."""
 
     def __init__(self, options: BindOptions = BindOptions(), first_call_id: int = 2) -> None:
         self.options = options
         self.call_id = first_call_id
         self.contexts: dict[int, bool] = {}  # accepted p_cont_id -> NDR64
+        self.warnings: list[str] = []
+        self._offered: list[Offered] = []
+
+    @property
+    def _flags(self) -> int:
+        return WHOLE | (Flags.CONC_MPX if self.options.multiplex else 0)
 
     def bind(self) -> bytes:
-        contexts = [ContextElement(0, KMS_INTERFACE, (NDR32,))]
+        syntaxes = [NDR32]
         if self.options.ndr64:
-            contexts.append(ContextElement(len(contexts), KMS_INTERFACE, (NDR64,)))
+            syntaxes.append(NDR64)
         if self.options.btfn:
-            contexts.append(ContextElement(len(contexts), KMS_INTERFACE, (btfn_syntax(3),)))
-        flags = WHOLE | (Flags.CONC_MPX if self.options.multiplex else 0)
-        return Bind(self.call_id, tuple(contexts), flags).encode()
+            syntaxes.append(btfn_syntax(3))
+        self._offered = [Offered(i, s) for i, s in enumerate(syntaxes)]
+        contexts = tuple(ContextElement(i, KMS_INTERFACE, (s,)) for i, s in enumerate(syntaxes))
+        return Bind(self.call_id, contexts, self._flags).encode()
 
     def on_bind_ack(self, data: bytes) -> None:
-        pdu = parse_pdu(data)
-        if isinstance(pdu, BindNak):
-            raise RpcError(f"bind refused (bind_nak reason {pdu.reason})")
-        if not isinstance(pdu, BindAck) or pdu.call_id != self.call_id:
-            raise RpcError(f"expected bind_ack for call {self.call_id}, got {pdu!r}")
-        for ctx_id, result in enumerate(pdu.results):
-            if result.result == Result.ACCEPTANCE and result.syntax in (NDR32, NDR64):
-                self.contexts[ctx_id] = result.syntax == NDR64
-        if not self.contexts:
-            raise RpcError("the host accepted neither NDR32 nor NDR64")
+        self._on_ack(data, PType.BIND_ACK)
+        if data[3] & Flags.CONC_MPX != self._flags & Flags.CONC_MPX:
+            self.warnings.append("bind_ack does not echo the bind's PFC_CONC_MPX")
+
+    @property
+    def needs_alter_context(self) -> bool:
+        """vlmcs makes its first call in NDR32 on context 0: when the bind accepted only
+        NDR64, it first asks for NDR32 with an alter_context (PROTOCOL.md §3.7)."""
+        return 0 not in self.contexts
+
+    def alter_context(self) -> bytes:
+        self._offered = [Offered(0, NDR32)]
+        element = ContextElement(0, KMS_INTERFACE, (NDR32,))
+        return Bind(self.call_id, (element,), self._flags, alter=True).encode()
+
+    def on_alter_context_resp(self, data: bytes) -> None:
+        self._on_ack(data, PType.ALTER_CONTEXT_RESP)
+        check_flags_clear(data, self.warnings)
+
+    def _on_ack(self, data: bytes, ptype: PType) -> None:
+        if data[2] == PType.BIND_NAK:
+            nak = parse_pdu(data)
+            assert isinstance(nak, BindNak)
+            raise RpcError(f"bind refused (bind_nak reason {nak.reason})")
+        check_pdu(data, ptype, self.call_id, self.warnings)
+        ack = parse_pdu(data)
+        assert isinstance(ack, BindAck)
+        self.contexts.update(check_bind_ack(ack, self._offered, self.warnings))
 
     def request(self, kms_request: bytes, *, prefer_ndr64: bool = True) -> tuple[bytes, int, bool]:
         """A request PDU; returns it, its p_cont_id and whether it is NDR64."""
@@ -123,25 +190,33 @@ class RpcClient:
         return pdu, ctx_id, ndr64
 
     def on_response(self, data: bytes, ctx_id: int, ndr64: bool) -> bytes:
-        """The KMS response carried by a response PDU; raises KmsError for an HRESULT."""
-        pdu = parse_pdu(data)
+        """The KMS response carried by a response PDU; raises HostRefused (a KmsError) for
+        an HRESULT, RpcError for a fault, NotGenuine for a reply no KMS host sends."""
         call_id = self.call_id
         self.call_id += 1
-        if isinstance(pdu, Fault):
-            raise RpcError(f"fault 0x{pdu.status:08X}")
-        if not isinstance(pdu, Response):
-            raise RpcError(f"expected a response, got {pdu!r}")
-        if pdu.call_id != call_id or pdu.context_id != ctx_id:
-            raise RpcError(f"response for call {pdu.call_id} ctx {pdu.context_id}")
-        payload, status = ndr.unwrap_response(pdu.stub, ndr64)
+        if data[2] == PType.FAULT:
+            check_pdu(data, PType.FAULT, call_id, self.warnings)
+            fault = parse_pdu(data)
+            assert isinstance(fault, Fault)
+            raise RpcError(f"fault 0x{fault.status:08X}")
+        check_pdu(data, PType.RESPONSE, call_id, self.warnings)
+        check_flags_clear(data, self.warnings)
+        pdu = parse_pdu(data)
+        assert isinstance(pdu, Response)
+        if pdu.cancel_count:
+            raise NotGenuine("rpc_cancel_count", f"cancel_count {pdu.cancel_count}")
+        if pdu.context_id != ctx_id:
+            raise NotGenuine("rpc_context_id", f"p_cont_id {pdu.context_id}, sent {ctx_id}")
+        hint = pdu.alloc_hint if pdu.alloc_hint is not None else len(pdu.stub)
+        payload, status = check_response_stub(pdu.stub, hint, ndr64, self.warnings)
         if status:
-            code = HResult(status) if status in HResult._value2member_map_ else HResult.S_OK
-            raise KmsError(code, f"host answered HRESULT 0x{status:08X}")
+            raise HostRefused(status)
         return payload
 
 
 class KmsConnection:
-    """One TCP connection to a KMS host over asyncio streams."""
+    """One TCP connection to a KMS host over asyncio streams. Nothing here bounds time:
+    callers wrap calls in asyncio.timeout."""
 
     def __init__(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, rpc: RpcClient
@@ -149,32 +224,53 @@ class KmsConnection:
         self.reader = reader
         self.writer = writer
         self.rpc = rpc
+        self.last_call = (0, False)  # p_cont_id and NDR64 of the latest call
 
     @classmethod
     async def open(
-        cls, host: str, port: int, options: BindOptions = BindOptions()
+        cls,
+        host: str,
+        port: int,
+        options: BindOptions = BindOptions(),
+        *,
+        ndr32_first: bool = False,
+        first_call_id: int = 2,
     ) -> KmsConnection:
+        """Connect and bind; with `ndr32_first`, also get NDR32 on context 0 the way vlmcs
+        does when the bind accepted only NDR64."""
         reader, writer = await asyncio.open_connection(host, port)
-        conn = cls(reader, writer, RpcClient(options))
-        writer.write(conn.rpc.bind())
-        conn.rpc.on_bind_ack(await conn.read_pdu())
+        conn = cls(reader, writer, RpcClient(options, first_call_id))
+        try:
+            writer.write(conn.rpc.bind())
+            conn.rpc.on_bind_ack(await conn.read_pdu())
+            if ndr32_first and conn.rpc.needs_alter_context:
+                writer.write(conn.rpc.alter_context())
+                conn.rpc.on_alter_context_resp(await conn.read_pdu())
+        except BaseException:
+            writer.transport.abort()
+            raise
         return conn
 
     async def read_pdu(self) -> bytes:
+        """One PDU; the header is checked before the body is awaited, so a service that is
+        not DCE-RPC is recognised at once."""
         head = await self.reader.readexactly(HEADER_SIZE)
-        return head + await self.reader.readexactly(frag_length_of(head) - HEADER_SIZE)
+        return head + await self.reader.readexactly(check_header(head) - HEADER_SIZE)
+
+    async def call(self, prepared: PreparedRequest, *, prefer_ndr64: bool = False) -> bytes:
+        """Send one request; the KMS response it carries, checked at the RPC level."""
+        pdu, ctx_id, ndr64 = self.rpc.request(prepared.message, prefer_ndr64=prefer_ndr64)
+        self.last_call = (ctx_id, ndr64)
+        self.writer.write(pdu)
+        return self.rpc.on_response(await self.read_pdu(), ctx_id, ndr64)
 
     async def activate(
         self, base: BaseRequest, *, prefer_ndr64: bool = True, iv: bytes | None = None
     ) -> KmsResponse:
         """One activation exchange; the reply is verified (raises NotGenuine)."""
-        iv = os.urandom(16) if iv is None and base.major >= 5 else (iv or b"")
-        pdu, ctx_id, ndr64 = self.rpc.request(
-            encode_request(base, iv=iv), prefer_ndr64=prefer_ndr64
-        )
-        self.writer.write(pdu)
-        payload = self.rpc.on_response(await self.read_pdu(), ctx_id, ndr64)
-        return decode_response(base, iv, payload)
+        prepared = prepare(base, iv)
+        payload = await self.call(prepared, prefer_ndr64=prefer_ndr64)
+        return verify_reply(base, prepared.iv, payload).reply
 
     async def close(self) -> None:
         self.writer.close()
@@ -182,4 +278,14 @@ class KmsConnection:
             await self.writer.wait_closed()
 
 
-__all__ = ["BindOptions", "KmsConnection", "NotGenuine", "RpcClient", "RpcError", "base_request"]
+__all__ = [
+    "BindOptions",
+    "HostRefused",
+    "KmsConnection",
+    "NotGenuine",
+    "PreparedRequest",
+    "RpcClient",
+    "RpcError",
+    "base_request",
+    "prepare",
+]

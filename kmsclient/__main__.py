@@ -1,0 +1,5 @@
+import sys
+
+from kmsclient.cli import main
+
+sys.exit(main())

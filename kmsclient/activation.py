@@ -1,0 +1,136 @@
+"""One activation exchange, bounded in time, verified, and classified (kmsclient.outcome)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, replace
+
+from .outcome import Failure, Status, classify
+from .session import BindOptions, KmsConnection, PreparedRequest
+from .target import Target
+from .verify import Verified, verify_reply
+
+
+@dataclass(frozen=True)
+class CallOptions:
+    bind: BindOptions = BindOptions()
+    call_ndr64: bool = False  # False: first call NDR32 on context 0, as vlmcs does
+    timeout: float = 5.0  # seconds for connect + bind + call
+
+
+DEFAULT_OPTIONS = CallOptions()
+
+
+@dataclass(frozen=True)
+class Result:
+    target: Target
+    request: PreparedRequest
+    status: Status
+    verified: Verified | None = None
+    failure: Failure | None = None
+    context_id: int | None = None
+    ndr64: bool | None = None
+    response_time: float | None = None  # seconds from sending the request to its reply
+    warnings: tuple[str, ...] = ()
+    reconnected: bool = False  # the kept connection had been closed by the host
+
+
+class Activator:
+    """Sends activation requests to one host over a kept connection, reconnecting (with
+    a fresh bind, as vlmcs does) when the host closed it between calls."""
+
+    def __init__(self, target: Target, options: CallOptions = DEFAULT_OPTIONS) -> None:
+        self.target = target
+        self.options = options
+        self.conn: KmsConnection | None = None
+        self._next_call_id = 2  # vlmcs's counter continues across reconnects
+
+    async def _connect(self) -> KmsConnection:
+        self.conn = await KmsConnection.open(
+            self.target.host,
+            self.target.port,
+            self.options.bind,
+            ndr32_first=not self.options.call_ndr64,
+            first_call_id=self._next_call_id,
+        )
+        return self.conn
+
+    async def _exchange(self, conn: KmsConnection, prepared: PreparedRequest) -> Result:
+        start = time.perf_counter()
+        try:
+            payload = await conn.call(prepared, prefer_ndr64=self.options.call_ndr64)
+        finally:
+            self._next_call_id = conn.rpc.call_id
+        elapsed = time.perf_counter() - start
+        ctx_id, ndr64 = conn.last_call
+        verified = verify_reply(prepared.base, prepared.iv, payload)
+        below = verified.reply.base.count < prepared.base.required_count
+        return Result(
+            self.target,
+            prepared,
+            Status.BELOW_THRESHOLD if below else Status.ACTIVATED,
+            verified,
+            context_id=ctx_id,
+            ndr64=ndr64,
+            response_time=elapsed,
+            warnings=(*conn.rpc.warnings, *verified.reply.warnings),
+        )
+
+    async def run(self, prepared: PreparedRequest) -> Result:
+        """One exchange within the timeout; never raises for anything the host does."""
+        reconnected = False
+        try:
+            async with asyncio.timeout(self.options.timeout):
+                conn = self.conn
+                if conn is not None:
+                    conn.rpc.warnings.clear()
+                    try:
+                        return await self._exchange(conn, prepared)
+                    except (asyncio.IncompleteReadError, ConnectionError) as exc:
+                        if isinstance(exc, asyncio.IncompleteReadError) and exc.partial:
+                            raise
+                        self._drop()
+                        reconnected = True
+                conn = await self._connect()
+                result = await self._exchange(conn, prepared)
+                return replace(result, reconnected=True) if reconnected else result
+        except Exception as exc:
+            failure = classify(exc, self.options.timeout)
+            warnings = tuple(self.conn.rpc.warnings) if self.conn is not None else ()
+            if failure.status != Status.REFUSED:
+                self._drop()  # the connection's state is unknown
+            return Result(
+                self.target,
+                prepared,
+                failure.status,
+                failure=failure,
+                warnings=warnings,
+                reconnected=reconnected,
+            )
+
+    def _drop(self) -> None:
+        if self.conn is not None:
+            self.conn.writer.transport.abort()
+            self.conn = None
+
+    async def close(self) -> None:
+        if self.conn is not None:
+            conn, self.conn = self.conn, None
+            conn.writer.close()
+            try:
+                async with asyncio.timeout(self.options.timeout):
+                    await conn.writer.wait_closed()
+            except (OSError, TimeoutError):
+                conn.writer.transport.abort()
+
+
+async def activate(
+    target: Target, prepared: PreparedRequest, options: CallOptions = DEFAULT_OPTIONS
+) -> Result:
+    """Connect, bind, send one request, verify the reply, close."""
+    activator = Activator(target, options)
+    try:
+        return await activator.run(prepared)
+    finally:
+        await activator.close()
