@@ -190,8 +190,9 @@ def test_port_in_use_is_a_clear_error() -> None:
         busy.bind((LOOPBACK, 0))
         busy.listen()
         port = busy.getsockname()[1]
-        result = run_kmsd("--listen", f"{LOOPBACK}:{port}", "--log-format", "json",
-                          "--db", ":memory:")
+        result = run_kmsd(
+            "--listen", f"{LOOPBACK}:{port}", "--log-format", "json", "--db", ":memory:"
+        )
     assert result.returncode == 1
     assert f"cannot listen on {LOOPBACK}:{port}" in result.stderr
     assert "Traceback" not in result.stderr
