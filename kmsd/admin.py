@@ -69,31 +69,31 @@ def read_clients(
 ) -> list[ClientRow]:
     rows = db.execute(
         """
-        SELECT r.application, r.client, r.recorded_at, c.workstation, c.sku, c.kms_id,
-               c.protocol, c.address, c.requests
-        FROM records r LEFT JOIN clients c USING (application, client)
-        WHERE ?1 IS NULL OR r.application = ?1
-        ORDER BY r.application, r.seq
+        SELECT application, client, recorded_at, workstation, sku, kms_id, protocol,
+               address, requests
+        FROM clients
+        WHERE recorded_at IS NOT NULL AND (?1 IS NULL OR application = ?1)
+        ORDER BY application, seq
         """,
         (application,),
     ).fetchall()
     db_products = products()
     out = []
     for app, client, recorded_at, workstation, sku, kms_id, protocol, address, requests in rows:
-        product = db_products.product_name(UUID(sku), UUID(kms_id), UUID(app)) if sku else "?"
+        product = db_products.product_name(UUID(sku), UUID(kms_id), UUID(app))
         expires = recorded_at + lifetime
         out.append(
             ClientRow(
                 app_name(app),
                 client,
-                workstation or "?",
+                workstation,
                 product,
-                protocol or "?",
-                address or "?",
+                protocol,
+                address,
                 recorded_at,
                 expires,
                 expires > now,
-                requests or 0,
+                requests,
             )
         )
     return out
@@ -145,7 +145,11 @@ def change(path: str, verb: str, argument: str) -> int:
         if lock is not None:  # no daemon: apply it here
             db.execute("BEGIN IMMEDIATE")
             if verb == "forget":
-                removed = db.execute("DELETE FROM records WHERE client = ?", (argument,)).rowcount
+                removed = db.execute(
+                    "UPDATE clients SET recorded_at = NULL, seq = NULL "
+                    "WHERE client = ? AND recorded_at IS NOT NULL",
+                    (argument,),
+                ).rowcount
             else:
                 where = "WHERE application = ?" if argument else ""
                 removed = db.execute(

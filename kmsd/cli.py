@@ -46,6 +46,7 @@ def open_store(args: argparse.Namespace) -> SqliteStore:
         known=frozenset(db.applications),
         lifetime=args.record_lifetime * 86400,
         fixed_capacity=args.capacity,
+        synchronous=args.synchronous,
     )
 
 

@@ -38,13 +38,6 @@ MIGRATIONS: dict[int, str] = {
     CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
     CREATE TABLE epids (csvlk TEXT PRIMARY KEY, epid TEXT NOT NULL);
     CREATE TABLE apps (application TEXT PRIMARY KEY, capacity INTEGER NOT NULL);
-    CREATE TABLE records (
-        seq INTEGER PRIMARY KEY AUTOINCREMENT,
-        application TEXT NOT NULL,
-        client TEXT NOT NULL,
-        recorded_at REAL NOT NULL,
-        UNIQUE (application, client)
-    );
     CREATE TABLE clients (
         application TEXT NOT NULL,
         client TEXT NOT NULL,
@@ -59,8 +52,15 @@ MIGRATIONS: dict[int, str] = {
         first_seen REAL NOT NULL,
         last_seen REAL NOT NULL,
         requests INTEGER NOT NULL,
+        recorded_at REAL,  -- when its record in the table was written; NULL: not in it
+        seq INTEGER,  -- order of the records in the table
         PRIMARY KEY (application, client)
-    );
+    ) WITHOUT ROWID;
+    CREATE INDEX clients_in_table ON clients (application, seq)
+        WHERE recorded_at IS NOT NULL;
+    CREATE VIEW records AS
+        SELECT application, client, recorded_at, seq FROM clients
+        WHERE recorded_at IS NOT NULL;
     CREATE TABLE commands (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
         verb TEXT NOT NULL,
@@ -70,7 +70,7 @@ MIGRATIONS: dict[int, str] = {
     );
     """,
 }
-OUR_TABLES = {"meta", "epids", "apps", "records", "clients", "commands", "sqlite_sequence"}
+OUR_TABLES = {"meta", "epids", "apps", "clients", "commands", "sqlite_sequence"}
 POLL_SECONDS = 0.25  # how often the writer looks for admin commands when idle
 MAX_BACKOFF = 5.0
 
@@ -88,7 +88,7 @@ def default_path() -> Path:
     return Path(base) / "kmsd" / "kmsd.db"
 
 
-def connect(path: str, *, create: bool) -> sqlite3.Connection:
+def connect(path: str, *, create: bool, synchronous: str = "full") -> sqlite3.Connection:
     """Open and migrate a kmsd database; StoreError explains anything that goes wrong."""
     if path != MEMORY:
         file = Path(path)
@@ -100,6 +100,7 @@ def connect(path: str, *, create: bool) -> sqlite3.Connection:
         raise StoreError(f"{path}: cannot open: {exc}") from None
     try:
         _migrate(db, path)
+        db.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'}")
     except sqlite3.DatabaseError as exc:
         db.close()
         if "locked" in str(exc) or "busy" in str(exc):
@@ -113,7 +114,6 @@ def connect(path: str, *, create: bool) -> sqlite3.Connection:
 
 def _migrate(db: sqlite3.Connection, path: str) -> None:
     db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=FULL")
     version = db.execute("PRAGMA user_version").fetchone()[0]
     if version > SCHEMA_VERSION:
         raise StoreError(
@@ -148,36 +148,63 @@ def lock_file(path: str) -> IO[bytes] | None:
 
 @dataclass(slots=True)
 class _Change:
-    """One request's effect on the database."""
+    """One request's effect on the database: the client's row (its last request and its
+    record in the table) and the records that left the table."""
 
-    application: str
-    client: str
-    recorded_at: float
+    key: tuple[str, str]  # application, client
+    row: tuple[object, ...]  # values for _UPSERT_CLIENT
     dropped: list[UUID]
     capacity: int | None  # the table's new capacity, when it changed
-    seen: tuple[object, ...]  # values of the clients row
+
+
+Statement = tuple[str, tuple[object, ...]]
 
 
 @dataclass
 class _Batch:
-    changes: list[_Change] = field(default_factory=list)
-    sql: list[tuple[str, tuple[object, ...]]] = field(default_factory=list)  # admin work
+    items: list[_Change | Statement] = field(default_factory=list)  # in the loop's order
     waiters: list[asyncio.Future[None]] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.changes or self.sql or self.waiters)
+        return bool(self.items or self.waiters)
 
 
 _UPSERT_CLIENT = """
 INSERT INTO clients (application, client, workstation, sku, kms_id, protocol, required,
-                     is_vm, license_status, address, first_seen, last_seen, requests)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1)
+                     is_vm, license_status, address, first_seen, last_seen, recorded_at, seq,
+                     requests)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1)
 ON CONFLICT (application, client) DO UPDATE SET
     workstation = excluded.workstation, sku = excluded.sku, kms_id = excluded.kms_id,
     protocol = excluded.protocol, required = excluded.required, is_vm = excluded.is_vm,
     license_status = excluded.license_status, address = excluded.address,
-    last_seen = excluded.last_seen, requests = requests + 1
+    last_seen = excluded.last_seen, recorded_at = excluded.recorded_at, seq = excluded.seq,
+    requests = requests + 1
 """
+_DROP = """
+UPDATE clients SET recorded_at = NULL, seq = NULL
+WHERE application = ? AND client = ? AND recorded_at IS NOT NULL
+"""
+
+
+def _write_changes(db: sqlite3.Connection, changes: list[_Change]) -> None:
+    """Write a run of changes with one statement each kind, keeping their net effect:
+    a record dropped after its last write in the run leaves the table."""
+    db.executemany(_UPSERT_CLIENT, [c.row for c in changes])
+    written = {c.key: i for i, c in enumerate(changes)}
+    dropped: dict[tuple[str, str], int] = {}
+    for i, change in enumerate(changes):
+        for client in change.dropped:
+            dropped[(change.key[0], str(client))] = i
+    gone = [key for key, i in dropped.items() if i >= written.get(key, -1)]
+    if gone:
+        db.executemany(_DROP, gone)
+    capacities = {c.key[0]: c.capacity for c in changes if c.capacity}
+    if capacities:
+        db.executemany(
+            "INSERT OR REPLACE INTO apps (application, capacity) VALUES (?, ?)",
+            capacities.items(),
+        )
 
 
 class SqliteStore:
@@ -191,7 +218,10 @@ class SqliteStore:
         known: frozenset[UUID] = frozenset(),
         lifetime: float = RECORD_LIFETIME,
         fixed_capacity: int | None = None,
+        synchronous: str = "normal",
     ) -> None:
+        """`synchronous`: "normal" commits to the write-ahead log (safe from any crash of
+        the process), "full" also flushes it to disk (safe from power loss)."""
         self.path = path
         if path != MEMORY:
             Path(path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -199,7 +229,7 @@ class SqliteStore:
         if path != MEMORY and self._lock is None:
             raise StoreError(f"{path}: another kmsd is serving from this database")
         try:
-            self.db = connect(path, create=True)
+            self.db = connect(path, create=True, synchronous=synchronous)
         except StoreError:
             self._release_lock()
             raise
@@ -223,6 +253,8 @@ class SqliteStore:
             "SELECT application, client, recorded_at FROM records ORDER BY seq"
         ):
             counter.table(UUID(app)).records[UUID(client)] = recorded_at
+        last = self.db.execute("SELECT max(seq) FROM clients").fetchone()[0]
+        self._seq = (last or 0) + 1
 
     def _release_lock(self) -> None:
         if self._lock is not None:
@@ -267,32 +299,29 @@ class SqliteStore:
         capacity = None
         if self._capacity.get(app) != table.capacity:
             capacity = self._capacity[app] = table.capacity
-        change = _Change(
-            str(app),
-            str(request.client_machine_id),
+        key = (str(app), str(request.client_machine_id))
+        row = (
+            *key,
+            request.workstation,
+            str(request.sku_id),
+            str(request.kms_id),
+            f"{request.major}.{request.minor}",
+            request.required_count,
+            request.is_vm,
+            request.license_status,
+            address,
             now,
-            dropped,
-            capacity,
-            (
-                str(app),
-                str(request.client_machine_id),
-                request.workstation,
-                str(request.sku_id),
-                str(request.kms_id),
-                f"{request.major}.{request.minor}",
-                request.required_count,
-                request.is_vm,
-                request.license_status,
-                address,
-                now,
-                now,
-            ),
+            now,
+            now,
+            self._seq,
         )
+        self._seq += 1
         with self._cond:
-            self._batch.changes.append(change)
+            items = self._batch.items
             for stale in evicted_tables:
                 self._capacity.pop(stale, None)
-                self._batch.sql += reset_sql(str(stale))
+                items += reset_sql(str(stale))
+            items.append(_Change(key, row, dropped, capacity))
         return count
 
     def barrier(self) -> asyncio.Future[None]:
@@ -323,19 +352,14 @@ class SqliteStore:
 
     def _apply_command(self, command_id: int, verb: str, argument: str) -> None:
         """Runs in the loop: apply an admin command to the working copy, queue its SQL."""
-        sql: list[tuple[str, tuple[object, ...]]] = []
+        sql: list[Statement] = []
         affected = 0
         if verb == "forget":
             client = UUID(argument)
             for app, table in self.counter.tables.items():
                 if table.records.pop(client, None) is not None:
                     affected += 1
-                    sql.append(
-                        (
-                            "DELETE FROM records WHERE application = ? AND client = ?",
-                            (str(app), argument),
-                        )
-                    )
+                    sql.append((_DROP, (str(app), argument)))
         elif verb == "reset":
             apps = [UUID(argument)] if argument else list(self.counter.tables)
             for app in apps:
@@ -350,7 +374,7 @@ class SqliteStore:
         )
         log.info("admin command applied", command=verb, argument=argument, records=affected)
         with self._cond:
-            self._batch.sql += sql
+            self._batch.items += sql
             self._cond.notify()
 
     # The writer thread --------------------------------------------------------------
@@ -367,7 +391,7 @@ class SqliteStore:
                 stopping = self._stopping
             batch = _merge(retry, batch)
             retry = _Batch()
-            if batch.changes or batch.sql:
+            if batch.items:
                 try:
                     self._commit(batch)
                 except sqlite3.Error as exc:
@@ -376,11 +400,11 @@ class SqliteStore:
                     log.error(
                         "commit failed; replies held back, will retry",
                         error=str(exc),
-                        changes=len(batch.changes),
+                        changes=len(batch.items),
                         retry_in_s=backoff,
                     )
                     self._settle(batch.waiters, StoreError(f"commit failed: {exc}"))
-                    retry = _Batch(batch.changes, batch.sql)
+                    retry = _Batch(batch.items)
                     if stopping:
                         return
                     with self._cond:
@@ -393,26 +417,18 @@ class SqliteStore:
             data_version = self._poll_commands(data_version)
 
     def _commit(self, batch: _Batch) -> None:
-        changes = batch.changes
         with self._transaction():
-            db = self.db
-            dropped = [(c.application, str(d)) for c in changes for d in c.dropped]
-            if dropped:
-                db.executemany("DELETE FROM records WHERE application = ? AND client = ?", dropped)
-            db.executemany(
-                "INSERT OR REPLACE INTO records (application, client, recorded_at) "
-                "VALUES (?, ?, ?)",
-                [(c.application, c.client, c.recorded_at) for c in changes],
-            )
-            capacities = [(c.application, c.capacity) for c in changes if c.capacity]
-            if capacities:
-                db.executemany(
-                    "INSERT OR REPLACE INTO apps (application, capacity) VALUES (?, ?)",
-                    capacities,
-                )
-            db.executemany(_UPSERT_CLIENT, [c.seen for c in changes])
-            for statement, args in batch.sql:
-                db.execute(statement, args)
+            run: list[_Change] = []
+            for item in batch.items:
+                if isinstance(item, _Change):
+                    run.append(item)
+                    continue
+                if run:
+                    _write_changes(self.db, run)
+                    run = []
+                self.db.execute(*item)
+            if run:
+                _write_changes(self.db, run)
 
     def _settle(self, waiters: list[asyncio.Future[None]], error: Exception | None) -> None:
         if waiters and self._loop is not None:
@@ -440,9 +456,7 @@ class SqliteStore:
 def _merge(first: _Batch, second: _Batch) -> _Batch:
     if not first:
         return second
-    return _Batch(
-        first.changes + second.changes, first.sql + second.sql, first.waiters + second.waiters
-    )
+    return _Batch(first.items + second.items, first.waiters + second.waiters)
 
 
 def _resolve(waiters: list[asyncio.Future[None]], error: Exception | None) -> None:
@@ -454,12 +468,13 @@ def _resolve(waiters: list[asyncio.Future[None]], error: Exception | None) -> No
                 future.set_exception(error)
 
 
-def reset_sql(application: str) -> list[tuple[str, tuple[object, ...]]]:
+def reset_sql(application: str) -> list[Statement]:
     """Start one application's table ("" for all) afresh: no records, no capacity.
     The history of clients stays."""
+    clear = "UPDATE clients SET recorded_at = NULL, seq = NULL WHERE recorded_at IS NOT NULL"
     if application:
         return [
-            ("DELETE FROM records WHERE application = ?", (application,)),
+            (clear + " AND application = ?", (application,)),
             ("DELETE FROM apps WHERE application = ?", (application,)),
         ]
-    return [("DELETE FROM records", ()), ("DELETE FROM apps", ())]
+    return [(clear, ()), ("DELETE FROM apps", ())]

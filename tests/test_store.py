@@ -267,8 +267,14 @@ def test_admin_commands_without_a_daemon(tmp_path: Path) -> None:
     client = request()
     with store.db:
         store.db.execute(
-            "INSERT INTO records (application, client, recorded_at) VALUES (?,?,?)",
-            (str(client.application_id), str(client.client_machine_id), NOW),
+            "INSERT INTO clients VALUES (?, ?, 'w', ?, ?, '6.0', 25, 0, 1, 'a', 1, 1, 1, ?, 1)",
+            (
+                str(client.application_id),
+                str(client.client_machine_id),
+                str(client.sku_id),
+                str(client.kms_id),
+                NOW,
+            ),
         )
     store.db.close()
     store._release_lock()
@@ -309,3 +315,29 @@ async def test_lab_overrides_are_logged_at_start_and_work(tmp_path: Path) -> Non
         stop_kmsd(kmsd)
     overrides = {e.get("override") for e in kmsd.log if e["event"].startswith("lab override")}
     assert overrides == {"precharge", "record_lifetime_days"}
+
+
+async def test_one_batch_keeps_the_order_of_evictions_and_admin_commands(tmp_path: Path) -> None:
+    path = tmp_path / "kmsd.db"
+    store = SqliteStore(str(path), known=KNOWN, fixed_capacity=2)
+    a, b, c, d = (request() for _ in range(4))
+    for i, r in enumerate((a, b, c)):  # c evicts a within the same batch
+        store.count(r, NOW + i, "x")
+    store._apply_command(0, "reset", str(a.application_id))  # queued after a, b, c
+    store.count(d, NOW + 5, "x")  # counted after the reset: must survive it
+    store.start(asyncio.get_running_loop())
+    await asyncio.wait_for(store.barrier(), 10)
+    await store.close()
+    in_table = {r[0] for r in rows(path, "SELECT client FROM records")}
+    assert in_table == {str(d.client_machine_id)}
+    history = {r[0] for r in rows(path, "SELECT client FROM clients")}
+    assert history == {str(r.client_machine_id) for r in (a, b, c, d)}
+    again = SqliteStore(str(path), known=KNOWN, fixed_capacity=2)
+    assert list(again.counter.tables[d.application_id].records) == [d.client_machine_id]
+
+
+@pytest.mark.parametrize(("mode", "pragma"), [("normal", 1), ("full", 2)])
+def test_synchronous_mode_reaches_sqlite(tmp_path: Path, mode: str, pragma: int) -> None:
+    store = SqliteStore(str(tmp_path / "kmsd.db"), synchronous=mode)
+    assert store.db.execute("PRAGMA synchronous").fetchone()[0] == pragma
+    assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
