@@ -9,10 +9,12 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import structlog
 
 from . import __version__, admin, config, logs
+from .clock import FileClock
 from .host import HostIdentity, HostPolicy, KmsHost
 from .protocol.products import products
 from .server import KmsServer, ServerSettings
@@ -89,7 +91,8 @@ async def serve(args: argparse.Namespace, settings: ServerSettings) -> None:
     try:
         host = make_host(args, store)
         store.start(asyncio.get_running_loop())
-        server = KmsServer(host, settings, store=store)
+        clock = FileClock(Path(args.clock_file)) if args.clock_file else time.time
+        server = KmsServer(host, settings, clock=clock, store=store)
         await server.start()
     except BaseException:
         await store.close()

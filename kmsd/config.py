@@ -309,6 +309,15 @@ OPTIONS: tuple[Option, ...] = (
         reload=True,
     ),
     Option(
+        "clock_file",
+        "host",
+        str,
+        None,
+        "tests and simulations only: take the time from this file (a Unix time, which "
+        "kmsclient simulate rewrites) instead of the system clock",
+        "PATH",
+    ),
+    Option(
         "db",
         "table",
         str,

@@ -1,0 +1,36 @@
+"""Time for kmsd from a file, for tests and simulations only (`--clock-file`).
+
+`kmsclient simulate` runs clients on a virtual clock and writes that clock's Unix time
+into the file (replacing it in one rename) before each request, so a real kmsd counts,
+expires records and checks request times on the same virtual clock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+
+class ClockFileError(OSError):
+    """The clock file cannot be read or holds no Unix time."""
+
+
+def read_clock(path: Path) -> float:
+    try:
+        return float(path.read_text("ascii").strip())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ClockFileError(f"clock file {path}: {exc}") from None
+
+
+class FileClock:
+    """A clock that reads `path` on every call; a read that fails keeps the last time
+    read (the writer replaces the file atomically, so this is only a missing file)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.last = read_clock(path)  # raises at start-up when the file is unusable
+
+    def __call__(self) -> float:
+        with contextlib.suppress(ClockFileError):
+            self.last = read_clock(self.path)
+        return self.last
