@@ -9,7 +9,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import structlog
 
@@ -143,8 +143,7 @@ class _KmsProtocol(asyncio.Protocol):
         self.closing = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         server = self.server
         peer = transport.get_extra_info("peername")
         self.address = peer[0] if peer else "?"
@@ -153,7 +152,7 @@ class _KmsProtocol(asyncio.Protocol):
         refused = server.admission.admit(self.address, loop.time())
         if refused is not None:
             log.warning("connection refused", client=self.peer, reason=refused)
-            transport.abort()
+            self.transport.abort()
             return
         settings = server.settings
         self.conn = ServerConnection(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
-from uuid import UUID
+from uuid import UUID, SafeUUID
 
 from .crypto import (
     BLOCK,
@@ -34,6 +34,15 @@ V4_REQUEST_SIZE = BASE_REQUEST_SIZE + BLOCK  # 252
 V56_REQUEST_SIZE = 4 + BLOCK + BASE_REQUEST_SIZE + 4  # 260
 _REQUEST_PAD = b"\x04" * 4
 SUPPORTED_MAJORS = (4, 5, 6)
+
+
+def _guid(raw: bytes) -> UUID:
+    """UUID(bytes_le=raw) without the constructor's argument checks (per-request path)."""
+    guid = object.__new__(UUID)
+    value = int.from_bytes(raw[3::-1] + raw[5:3:-1] + raw[7:5:-1] + raw[8:16], "big")
+    object.__setattr__(guid, "int", value)
+    object.__setattr__(guid, "is_safe", SafeUUID.unknown)
+    return guid
 
 
 def _utf16z_decode(raw: bytes) -> str:
@@ -111,13 +120,13 @@ class BaseRequest:
             is_vm=vm,
             license_status=status,
             binding_expiration=expiration,
-            application_id=UUID(bytes_le=app),
-            sku_id=UUID(bytes_le=sku),
-            kms_id=UUID(bytes_le=kms),
-            client_machine_id=UUID(bytes_le=cmid),
+            application_id=_guid(app),
+            sku_id=_guid(sku),
+            kms_id=_guid(kms),
+            client_machine_id=_guid(cmid),
             required_count=required,
             request_time=time,
-            previous_client_machine_id=UUID(bytes_le=previous),
+            previous_client_machine_id=_guid(previous),
             workstation=_utf16z_decode(name),
         )
 
@@ -173,7 +182,7 @@ class BaseResponse:
             major=major,
             minor=minor,
             epid=raw_epid[:-2].decode("utf-16-le", errors="replace"),
-            client_machine_id=UUID(bytes_le=cmid),
+            client_machine_id=_guid(cmid),
             request_time=time,
             count=count,
             activation_interval=activation,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import IntEnum, IntFlag
+from enum import IntEnum
 from uuid import UUID
 
 HEADER = struct.Struct("<BBBBIHHI")  # vers, minor, PTYPE, flags, drep, frag_len, auth_len, call_id
@@ -34,7 +34,9 @@ class PType(IntEnum):
     ORPHANED = 19
 
 
-class Flags(IntFlag):
+class Flags:
+    """pfc_flags bits (plain ints: flag arithmetic is on the per-request path)."""
+
     FIRST_FRAG = 0x01
     LAST_FRAG = 0x02
     PENDING_CANCEL = 0x04
