@@ -16,7 +16,7 @@ from typing import Any, TextIO
 from kmsd.protocol.kms import BaseRequest
 from kmsd.protocol.products import Sku, products
 
-from . import report
+from . import discover, report
 from .activation import CallOptions, activate
 from .charge import charge
 from .load import (
@@ -174,8 +174,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     act = sub.add_parser("activate", help="one verified activation exchange", epilog=EPILOG)
-    act.add_argument("host", nargs="?", type=_target, metavar="HOST[:PORT]")
+    act.add_argument(
+        "host",
+        nargs="?",
+        type=_target,
+        metavar="HOST[:PORT]",
+        help="the KMS host; without it, found through DNS (see DNS discovery)",
+    )
     act.add_argument("--list-products", action="store_true", help="list the products and exit")
+    discover.add_dns_options(act, with_state=True)
     _common(act, single_client=True)
 
     chg = sub.add_parser(
@@ -251,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="keep one connection per concurrent client (default)",
     )
+    discover.add_parser(sub)
     return parser
 
 
@@ -306,7 +314,12 @@ def list_products(as_json: bool) -> str:
 
 async def _activate(args: argparse.Namespace, out: TextIO) -> int:
     base = _request(args, args.cmid or uuid.uuid4(), args.major)
-    result = await activate(args.host, prepare(base), _call_options(args))
+    prepared, options = prepare(base), _call_options(args)
+    if args.host is None:
+        return await discover.activate_discovered(
+            args, lambda target: activate(target, prepared, options), out
+        )
+    result = await activate(args.host, prepared, options)
     print(
         json.dumps(report.to_json(result), indent=1) if args.json else report.to_text(result),
         file=out,
@@ -386,12 +399,11 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     out = out or sys.stdout
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "activate":
-        if args.list_products:
-            print(list_products(args.json), file=out)
-            return 0
-        if args.host is None:
-            parser.error("activate: HOST[:PORT] is required")
+    if args.command == "discover":
+        return asyncio.run(discover.run_discover(args, out))
+    if args.command == "activate" and args.list_products:
+        print(list_products(args.json), file=out)
+        return 0
     if len(args.workstation.encode("utf-16-le")) > 126:
         parser.error("--workstation: at most 63 UTF-16 code units")
     if not args.ndr64 and args.call_syntax == "ndr64":

@@ -1,6 +1,6 @@
 """Where to send requests: HOST[:PORT] as typed, and the loopback rule of `load`.
 
-Discovery (DNS SRV) will produce the same Target; nothing else here knows about DNS.
+kmsclient.discovery produces the same Target from DNS SRV records; nothing here knows DNS.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -19,6 +20,9 @@ from .host import HostIdentity, HostPolicy, KmsHost
 from .protocol.products import products
 from .server import KmsServer, ServerSettings
 from .store import SqliteStore, StoreError
+
+if TYPE_CHECKING:
+    from .dns.publish import Publisher
 
 log = structlog.get_logger("kmsd")
 
@@ -34,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
         "then the file.",
         epilog="Other commands: kmsd check-config (print the effective configuration); on the "
         "database, safe while kmsd runs: kmsd clients, kmsd stats, kmsd forget CLIENT_ID, "
-        "kmsd reset [--app NAME]; each has --help.",
+        "kmsd reset [--app NAME]; a lab DNS responder advertising KMS hosts: kmsd dns-serve "
+        "ZONE --kms IP[:PORT]; each has --help.",
     )
     p.add_argument("--version", action="version", version=f"kmsd {__version__}")
     config.add_options(p)
@@ -102,6 +107,7 @@ async def serve(args: argparse.Namespace, settings: ServerSettings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     log_overrides(args)
+    publisher = _start_publishing(args, server.addresses)
     log.info(
         "kmsd ready",
         version=__version__,
@@ -111,14 +117,39 @@ async def serve(args: argparse.Namespace, settings: ServerSettings) -> None:
     )
     await stop.wait()
     log.info("stopping", connections=len(server.connections))
+    if publisher is not None:
+        await publisher.stop()  # clients stop being sent here before the host goes
     await server.stop()
     await store.close()
     await server.drained()
     log.info("stopped")
 
 
+def _start_publishing(
+    args: argparse.Namespace, addresses: Sequence[tuple[str, int]]
+) -> Publisher | None:
+    """SRV publication when [dns] publish_zone is set; its failures never stop kmsd."""
+    if args.publish_zone is None:
+        return None
+    from .dns import publish  # dnspython is loaded only by a kmsd that publishes
+
+    try:
+        settings = publish.settings_from(args)
+    except ValueError as exc:
+        log.error("dns publication disabled", error=str(exc))
+        return None
+    assert settings is not None
+    publisher = publish.Publisher(settings, addresses)
+    publisher.start()
+    return publisher
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "dns-serve":
+        from .dns import responder
+
+        return responder.main(argv[1:])
     if argv and argv[0] in admin.COMMANDS:
         return admin.main(argv)
     check_only = bool(argv) and argv[0] == "check-config"

@@ -2,7 +2,7 @@
 
 Precedence: command line > environment (KMSD_*) > configuration file > defaults. The
 file is `--config PATH`, else $KMSD_CONFIG, else /etc/kmsd/kmsd.toml when it exists. Its
-tables are the option groups below ([network], [host], [table], [logging]).
+tables are the option groups below ([network], [host], [table], [dns], [logging]).
 """
 
 from __future__ import annotations
@@ -91,6 +91,33 @@ def parse_network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
         return ipaddress.ip_network(text, strict=False)
     except ValueError:
         raise ValueError(f"{text!r} is not an address or network (CIDR)") from None
+
+
+def parse_zone(text: str) -> str:
+    """A DNS name such as lab.test (kept without its final dot)."""
+    name = text.strip().rstrip(".").lower()
+    labels = name.split(".")
+    if not name or any(not 0 < len(label) <= 63 for label in labels) or len(name) > 253:
+        raise ValueError(f"{text!r} is not a DNS name")
+    return name
+
+
+def parse_dns_server(text: str) -> tuple[str, int]:
+    """IP, IP:PORT, IPv6 or [IPv6]:PORT (port 53)."""
+    host, port = text, 53
+    if text.startswith("[") or text.count(":") == 1:
+        host, port = parse_listen(text if ":" in text.rpartition("]")[2] else f"{text}:53")
+    try:
+        return str(ipaddress.ip_address(host)), port
+    except ValueError:
+        raise ValueError(f"{text!r}: expected the IP address of the DNS server") from None
+
+
+def parse_address(text: str) -> str:
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise ValueError(f"{text!r} is not an IP address") from None
 
 
 def number(
@@ -370,6 +397,89 @@ OPTIONS: tuple[Option, ...] = (
         RECORD_LIFETIME / 86400,
         "lab override: days a client's record counts (a real host: 30)",
         "DAYS",
+    ),
+    Option(
+        "publish_zone",
+        "dns",
+        parse_zone,
+        None,
+        "publish this host as _vlmcs._tcp SRV and A/AAAA records in this zone by DNS "
+        "dynamic update (RFC 2136); default: do not publish",
+        "ZONE",
+    ),
+    Option(
+        "publish_server",
+        "dns",
+        parse_dns_server,
+        None,
+        "the zone's primary DNS server that takes the updates (default: the zone's SOA MNAME)",
+        "IP[:PORT]",
+        show=show_listen,
+    ),
+    Option(
+        "publish_key",
+        "dns",
+        str,
+        None,
+        "TSIG key for the updates, a file in BIND's key format (tsig-keygen); default: "
+        "unsigned updates",
+        "FILE",
+    ),
+    Option(
+        "publish_host",
+        "dns",
+        parse_zone,
+        None,
+        "the host name the SRV record points to (default: this host's short name in the zone); "
+        "its A/AAAA records are published when it lies inside the zone",
+        "NAME",
+    ),
+    Option(
+        "publish_address",
+        "dns",
+        parse_address,
+        [],
+        "address to publish for the host name; repeatable (default: the addresses kmsd listens "
+        "on; for 0.0.0.0 or ::, the one this host reaches the DNS server from)",
+        "IP",
+        repeat=True,
+    ),
+    Option(
+        "publish_priority",
+        "dns",
+        number(int, 0, 65535),
+        0,
+        "SRV priority: clients try lower numbers first",
+        "N",
+        reload=True,
+    ),
+    Option(
+        "publish_weight",
+        "dns",
+        number(int, 0, 65535),
+        0,
+        "SRV weight: share of clients among hosts of the same priority",
+        "N",
+        reload=True,
+    ),
+    Option(
+        "publish_ttl",
+        "dns",
+        number(int, 0, 2147483647),
+        600,
+        "TTL of the published records, in seconds",
+        "SECONDS",
+        reload=True,
+    ),
+    Option(
+        "publish_interval",
+        "dns",
+        number(float, 1),
+        3600.0,
+        "seconds between re-publications (the addresses are checked every minute, and "
+        "published at once when they change)",
+        "SECONDS",
+        reload=True,
     ),
     Option(
         "log_format",

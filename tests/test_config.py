@@ -53,7 +53,7 @@ def test_precedence_cli_over_environment_over_file_over_defaults(tmp_path: Path)
             "[network]\nstrict = true\n",
             "network.strict: unknown option (did you mean host.strict?)",
         ),
-        ("[dns]\nzone = 'x'\n", "[dns]: unknown table"),
+        ("[nonsense]\nzone = 'x'\n", "[nonsense]: unknown table"),
         ('[host]\nhwid = "12"\n', "host.hwid: '12': HWID must be 16 hex digits"),
         (
             '[host]\nepid = ["Nope=03612-00206-556-123727-03-1033-17763.0000-2972018"]\n',
