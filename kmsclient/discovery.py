@@ -110,11 +110,12 @@ def order(records: Sequence[R], rng: random.Random, ignore_priority: bool = Fals
         while remaining:
             # RFC 2782: weight-0 records first, a number in [0, total], the first record
             # whose running sum reaches it. Zero weights are shuffled so that, all being
-            # zero, each is equally likely.
+            # zero, each is equally likely; without any, 0 is not drawn, else the first
+            # record would win one extra time in total + 1 (the choice follows the weights).
             zeros = [r for r in remaining if r.weight == 0]
             rng.shuffle(zeros)
             arranged = zeros + [r for r in remaining if r.weight != 0]
-            pick = rng.randint(0, sum(r.weight for r in arranged))
+            pick = rng.randint(0 if zeros else 1, sum(r.weight for r in arranged))
             running = 0
             for chosen in arranged:
                 running += chosen.weight
