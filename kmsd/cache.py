@@ -64,6 +64,9 @@ class ClientTable:
             self.capacity = max(self.capacity, 2 * max(required, 1))
         self.expire(now, dropped)
         records = self.records
+        # Records stay in time order, so that expiry and eviction look at the oldest first;
+        # only a clock that went back breaks the order, and then the table is sorted again.
+        went_back = bool(records) and now < next(reversed(records.values()))
         if client in records:
             records.move_to_end(client)
         else:
@@ -72,7 +75,15 @@ class ClientTable:
                 if dropped is not None:
                     dropped.append(oldest)
         records[client] = now
+        if went_back:
+            self.sort()
         return len(records)
+
+    def sort(self) -> None:
+        """Order the records by time (needed only after the clock went backwards)."""
+        ordered = sorted(self.records.items(), key=lambda item: item[1])
+        self.records.clear()
+        self.records.update(ordered)
 
     def count(self, now: float) -> int:
         """Clients counted at `now` (expired records no longer count)."""

@@ -253,6 +253,8 @@ class SqliteStore:
             "SELECT application, client, recorded_at FROM records ORDER BY seq"
         ):
             counter.table(UUID(app)).records[UUID(client)] = recorded_at
+        for table in counter.tables.values():
+            table.sort()  # written in order, but the clock may have gone back meanwhile
         last = self.db.execute("SELECT max(seq) FROM clients").fetchone()[0]
         self._seq = (last or 0) + 1
 

@@ -98,3 +98,29 @@ def test_capacity_is_twice_the_highest_n_policy() -> None:
     table = ClientTable()
     table.record(uuid.uuid4(), 1000, 0.0)
     assert table.capacity == 2000
+
+
+def test_clock_jumps_back_and_forward() -> None:
+    table = ClientTable()
+    a, b, c, d = clients(4)
+    assert table.record(a, 25, 10 * DAY) == 1
+    assert table.record(b, 25, 10 * DAY + 1) == 2
+    assert table.record(c, 25, 9 * DAY) == 3  # the clock went back a day: still counted
+    assert list(table.records) == [c, a, b]  # kept in time order
+    assert table.record(a, 25, 9 * DAY + 5) == 3  # a renewal after the jump: no growth
+    # 30 days after the earlier time: c and a (renewed at 9 days) expire, b does not.
+    assert table.record(d, 25, 9 * DAY + 5 + RECORD_LIFETIME) == 2
+    assert set(table.records) == {b, d}
+    # Forward by more than 30 days: everything before expires at once; never negative.
+    assert table.count(1000 * DAY) == 0
+    assert table.record(a, 25, 1000 * DAY) == 1
+
+
+def test_eviction_after_a_backward_jump_drops_the_oldest_by_time() -> None:
+    table = ClientTable(fixed_capacity=2)
+    a, b, c = clients(3)
+    table.record(a, 5, 100.0)
+    table.record(b, 5, 50.0)  # clock went back
+    dropped: list[uuid.UUID] = []
+    table.record(c, 5, 120.0, dropped)
+    assert dropped == [b] and list(table.records) == [a, c]
