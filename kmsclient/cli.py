@@ -16,7 +16,7 @@ from typing import Any, TextIO
 from kmsd.protocol.kms import BaseRequest
 from kmsd.protocol.products import Sku, products
 
-from . import discover, report
+from . import discover, report, simulate
 from .activation import CallOptions, activate
 from .charge import charge
 from .load import (
@@ -258,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="keep one connection per concurrent client (default)",
     )
+    simulate.add_parser(sub)
     discover.add_parser(sub)
     return parser
 
@@ -399,6 +400,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     out = out or sys.stdout
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "simulate":
+        return simulate.main(args, out)
     if args.command == "discover":
         return asyncio.run(discover.run_discover(args, out))
     if args.command == "activate" and args.list_products:
