@@ -22,6 +22,7 @@ from .server import KmsServer, ServerSettings
 from .store import SqliteStore, StoreError
 
 if TYPE_CHECKING:
+    from . import web
     from .dns.publish import Publisher
 
 log = structlog.get_logger("kmsd")
@@ -107,7 +108,10 @@ async def serve(args: argparse.Namespace, settings: ServerSettings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     log_overrides(args)
+    endpoint = await _start_admin(args, server, store)
     publisher = _start_publishing(args, server.addresses)
+    if endpoint is not None:
+        endpoint.watch_dns(publisher)
     log.info(
         "kmsd ready",
         version=__version__,
@@ -117,12 +121,30 @@ async def serve(args: argparse.Namespace, settings: ServerSettings) -> None:
     )
     await stop.wait()
     log.info("stopping", connections=len(server.connections))
+    if endpoint is not None:
+        await endpoint.stop()
     if publisher is not None:
         await publisher.stop()  # clients stop being sent here before the host goes
     await server.stop()
     await store.close()
     await server.drained()
     log.info("stopped")
+
+
+async def _start_admin(
+    args: argparse.Namespace, server: KmsServer, store: SqliteStore
+) -> web.AdminServer | None:
+    """The admin endpoint when --admin is set; kmsd does not start without it then."""
+    if args.admin is None:
+        return None
+    from . import web
+
+    try:
+        return await web.start(args.admin, server, store)
+    except OSError:
+        await server.stop()
+        await store.close()
+        raise
 
 
 def _start_publishing(

@@ -24,6 +24,7 @@ from .protocol.products import products
 from .store import MEMORY, default_path
 
 DEFAULT_PORT = 1688
+DEFAULT_ADMIN_PORT = 9688
 DEFAULT_CONFIG = Path("/etc/kmsd/kmsd.toml")
 ENV_PREFIX = "KMSD_"
 
@@ -55,6 +56,14 @@ def parse_listen(text: str) -> tuple[str, int]:
 def show_listen(value: tuple[str, int]) -> str:
     host, port = value
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def parse_admin(text: str) -> tuple[str, int]:
+    """The admin endpoint: HOST:PORT, [IPv6]:PORT, or HOST alone (port 9688)."""
+    host, port = parse_listen(text)
+    if port == DEFAULT_PORT and not text.endswith(f":{DEFAULT_PORT}"):
+        port = DEFAULT_ADMIN_PORT
+    return host, port
 
 
 def parse_hwid(text: str) -> bytes:
@@ -257,6 +266,17 @@ OPTIONS: tuple[Option, ...] = (
         "serve only clients from this network (CIDR); repeatable; default: everyone",
         "CIDR",
         repeat=True,
+    ),
+    Option(
+        "admin",
+        "network",
+        parse_admin,
+        None,
+        "serve the admin endpoint (Prometheus /metrics, /healthz, /readyz, JSON API, status "
+        "page) over HTTP on this address, e.g. 127.0.0.1:9688; it has no authentication, so "
+        "keep it on loopback or a management network; default: off",
+        "HOST:PORT",
+        show=show_listen,
     ),
     Option(
         "ndr64",

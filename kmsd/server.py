@@ -15,6 +15,7 @@ import structlog
 
 from .host import KmsHost
 from .limits import Admission, Network
+from .metrics import Metrics
 from .protocol.connection import AssociationGroups, Call, Close, Send, ServerConnection
 from .protocol.errors import FaultStatus, KmsError
 
@@ -70,6 +71,7 @@ class KmsServer:
             settings.rate_per_ip,
         )
         self.connections: set[_KmsProtocol] = set()
+        self.metrics = Metrics(host.products)
         self._servers: list[asyncio.Server] = []
         self.addresses: list[tuple[str, int]] = []
 
@@ -117,6 +119,11 @@ class KmsServer:
                 for conn in list(self.connections):
                     conn.transport.abort()
 
+    @property
+    def serving(self) -> bool:
+        """Accepting connections on every listening socket."""
+        return bool(self._servers) and all(s.is_serving() for s in self._servers)
+
     def _forget(self, conn: _KmsProtocol) -> None:
         self.connections.discard(conn)
         if not self.connections:
@@ -138,8 +145,9 @@ class _KmsProtocol(asyncio.Protocol):
         self.last_seen = 0.0
         self.partial_since: float | None = None  # when the PDU still arriving began
         self.timer: asyncio.TimerHandle | None = None
-        # Replies in order, each with the commit it waits for (None: nothing to wait for).
-        self.outbox: deque[tuple[bytes, asyncio.Future[None] | None]] = deque()
+        # Replies in order, each with the commit it waits for (None: nothing to wait for)
+        # and when its request was complete (loop time; 0.0: not a reply to a call).
+        self.outbox: deque[tuple[bytes, asyncio.Future[None] | None, float]] = deque()
         self.closing = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -152,8 +160,10 @@ class _KmsProtocol(asyncio.Protocol):
         refused = server.admission.admit(self.address, loop.time())
         if refused is not None:
             log.warning("connection refused", client=self.peer, reason=refused)
+            server.metrics.refused_connection(refused)
             self.transport.abort()
             return
+        server.metrics.accepted += 1
         settings = server.settings
         self.conn = ServerConnection(
             port=transport.get_extra_info("sockname")[1],
@@ -199,6 +209,7 @@ class _KmsProtocol(asyncio.Protocol):
             if isinstance(event, Call):
                 if not self.server.admission.take(self.address, now):
                     log.warning("request refused", client=self.peer, reason="rate limit")
+                    self.server.metrics.error("fault", "SERVER_TOO_BUSY")
                     self._send(event.fault(FaultStatus.SERVER_TOO_BUSY), None)
                     continue
                 try:
@@ -206,16 +217,19 @@ class _KmsProtocol(asyncio.Protocol):
                 except Exception:
                     # A bug, not bad input: say so loudly, drop this client, serve the rest.
                     log.exception("internal error, closing connection", client=self.peer)
+                    self.server.metrics.error("internal")
                     self.transport.abort()
                     return
                 store = self.server.store
-                self._send(reply, store.barrier() if store is not None else None)
+                self._send(reply, store.barrier() if store is not None else None, now)
             elif isinstance(event, Send):
                 if event.problem:
                     log.warning("bad input", client=self.peer, problem=event.problem)
+                    self.server.metrics.bad_input(event.data)
                 self._send(event.data, None)
             elif isinstance(event, Close):
                 log.warning("closing connection", client=self.peer, reason=event.reason)
+                self.server.metrics.error("close")
                 self.close_when_flushed()
         if conn.pending_bytes():
             if self.partial_since is None:
@@ -223,18 +237,25 @@ class _KmsProtocol(asyncio.Protocol):
         else:
             self.partial_since = None
 
-    def _send(self, data: bytes, committed: asyncio.Future[None] | None) -> None:
+    def _send(
+        self, data: bytes, committed: asyncio.Future[None] | None, started: float = 0.0
+    ) -> None:
+        """Write `data` in order, once `committed` is; `started`: when the request it
+        answers was complete (for the latency metric)."""
         if not self.outbox and committed is None:
             self.transport.write(data)
+            if started:
+                self.server.metrics.replied(asyncio.get_running_loop().time() - started)
             return
-        self.outbox.append((data, committed))
+        self.outbox.append((data, committed, started))
         if committed is not None:
             committed.add_done_callback(self._flush)
 
     def _flush(self, _: object = None) -> None:
         outbox = self.outbox
+        now = 0.0
         while outbox:
-            data, committed = outbox[0]
+            data, committed, started = outbox[0]
             if committed is not None:
                 if not committed.done():
                     return
@@ -251,6 +272,9 @@ class _KmsProtocol(asyncio.Protocol):
             outbox.popleft()
             if not self.transport.is_closing():
                 self.transport.write(data)
+                if started:
+                    now = now or asyncio.get_running_loop().time()
+                    self.server.metrics.replied(now - started)
         if self.closing:
             self.transport.close()
 
@@ -260,10 +284,9 @@ class _KmsProtocol(asyncio.Protocol):
             self.transport.close()
 
     def _answer(self, call: Call) -> bytes:
+        now = self.server.clock()
         try:
-            payload, activation = self.server.host.answer(
-                call.payload, self.server.clock(), self.peer
-            )
+            payload, activation = self.server.host.answer(call.payload, now, self.peer)
         except KmsError as exc:
             log.warning(
                 "request refused",
@@ -271,6 +294,7 @@ class _KmsProtocol(asyncio.Protocol):
                 reason=exc.reason,
                 hresult=f"0x{exc.hresult:08X}",
             )
+            self.server.metrics.refusal(exc.hresult, call.payload, self.peer, now)
             return call.reply_error(exc.hresult)
         request = activation.request
         fields: dict[str, Any] = {
@@ -292,6 +316,16 @@ class _KmsProtocol(asyncio.Protocol):
                 f"a small lab can start kmsd with --precharge {request.required_count - 1}"
             )
         log.info("activation", **fields)
+        self.server.metrics.activation(
+            activation.application,
+            activation.product,
+            fields["protocol"],
+            activation.count,
+            request.required_count,
+            request.workstation,
+            self.peer,
+            now,
+        )
         return call.reply(payload)
 
     def pause_writing(self) -> None:

@@ -17,10 +17,10 @@ import fcntl
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any, TypeVar
 from uuid import UUID
 
 import structlog
@@ -29,6 +29,7 @@ from .cache import RECORD_LIFETIME, MemoryCounter
 from .protocol.kms import BaseRequest
 
 log = structlog.get_logger("kmsd.store")
+T = TypeVar("T")
 
 MEMORY = ":memory:"
 SCHEMA_VERSION = 1
@@ -242,6 +243,8 @@ class SqliteStore:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
         self.failures = 0  # commits that failed (and were retried)
+        self.commit_ok = True  # the last commit succeeded (or none was needed yet)
+        self._reads: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
 
     def _load(self) -> None:
         counter = self.counter
@@ -336,6 +339,21 @@ class SqliteStore:
             self._cond.notify()
         return future
 
+    def read(self, query: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        """Run `query` on the committed database in the writer thread, between commits
+        (for a :memory: database, which no other connection can open)."""
+        loop = self._loop
+        assert loop is not None, "start() the store first"
+        future: asyncio.Future[T] = loop.create_future()
+        with self._cond:
+            self._reads.append((query, future))
+            self._cond.notify()
+        return future
+
+    @property
+    def writer_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._thread = threading.Thread(target=self._run, name="kmsd-store", daemon=True)
@@ -390,14 +408,18 @@ class SqliteStore:
                 if not self._batch and not self._stopping:
                     self._cond.wait(POLL_SECONDS)
                 batch, self._batch = self._batch, _Batch()
+                reads, self._reads = self._reads, []
                 stopping = self._stopping
             batch = _merge(retry, batch)
             retry = _Batch()
+            for query, future in reads:
+                self._answer_read(query, future)
             if batch.items:
                 try:
                     self._commit(batch)
                 except sqlite3.Error as exc:
                     self.failures += 1
+                    self.commit_ok = False
                     backoff = min(MAX_BACKOFF, backoff * 2 or 0.05)
                     log.error(
                         "commit failed; replies held back, will retry",
@@ -413,6 +435,7 @@ class SqliteStore:
                         self._cond.wait(backoff)
                     continue
                 backoff = 0.0
+                self.commit_ok = True
             self._settle(batch.waiters, None)
             if stopping:
                 return
@@ -431,6 +454,17 @@ class SqliteStore:
                 self.db.execute(*item)
             if run:
                 _write_changes(self.db, run)
+
+    def _answer_read(
+        self, query: Callable[[sqlite3.Connection], Any], future: asyncio.Future[Any]
+    ) -> None:
+        try:
+            result, error = query(self.db), None
+        except sqlite3.Error as exc:
+            result, error = None, exc
+        if self._loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is already closed
+                self._loop.call_soon_threadsafe(_answer, future, result, error)
 
     def _settle(self, waiters: list[asyncio.Future[None]], error: Exception | None) -> None:
         if waiters and self._loop is not None:
@@ -459,6 +493,14 @@ def _merge(first: _Batch, second: _Batch) -> _Batch:
     if not first:
         return second
     return _Batch(first.items + second.items, first.waiters + second.waiters)
+
+
+def _answer(future: asyncio.Future[Any], result: object, error: Exception | None) -> None:
+    if not future.done():
+        if error is None:
+            future.set_result(result)
+        else:
+            future.set_exception(error)
 
 
 def _resolve(waiters: list[asyncio.Future[None]], error: Exception | None) -> None:

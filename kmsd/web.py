@@ -1,0 +1,358 @@
+"""The admin endpoint (`--admin 127.0.0.1:9688`): Prometheus metrics, health and readiness
+probes, a JSON API and a status page, over a minimal HTTP/1.1 server on the daemon's loop.
+
+GET and HEAD only, one request per connection (Connection: close), request heads of at most
+MAX_HEAD bytes arriving within REQUEST_TIMEOUT seconds, at most MAX_CLIENTS at once. It has
+no authentication: keep it on loopback or a management network.
+
+/api/clients and /api/stats are what `kmsd clients --json` and `kmsd stats --json` print:
+the same functions (kmsd.admin) on the committed database, read through a separate read-only
+connection in a worker thread, so the event loop never waits for the disk (a :memory:
+database is read by the store's writer thread between commits).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import sqlite3
+import time
+from base64 import b64encode
+from collections.abc import Callable
+from dataclasses import asdict
+from importlib.resources import files
+from typing import Any, TypeVar
+from urllib.parse import parse_qs, quote, urlsplit
+
+import structlog
+
+from . import __version__
+from .admin import app_name, read_clients, read_stats, resolve_app
+from .cache import MemoryCounter
+from .metrics import UNKNOWN, publisher_state
+from .server import KmsServer
+from .store import MEMORY, SqliteStore, StoreError
+
+log = structlog.get_logger("kmsd")
+
+DEFAULT_PORT = 9688
+MAX_HEAD = 8192  # bytes of request line and headers
+REQUEST_TIMEOUT = 5.0  # seconds for the request head to arrive
+MAX_CLIENTS = 32  # admin connections served at once; more get 503
+HEARTBEAT = 1.0  # seconds between event loop lag measurements
+JSON = "application/json"
+METRICS = "text/plain; version=0.0.4; charset=utf-8"
+HTML = "text/html; charset=utf-8"
+T = TypeVar("T")
+
+REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    408: "Request Timeout",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+    505: "HTTP Version Not Supported",
+}
+
+
+class Response:
+    __slots__ = ("body", "content_type", "headers", "status")
+
+    def __init__(
+        self,
+        status: int,
+        body: bytes | str,
+        content_type: str = JSON,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        self.status = status
+        self.body = body.encode() if isinstance(body, str) else body
+        self.content_type = content_type
+        self.headers = headers or {}
+
+    def encode(self, head_only: bool = False) -> bytes:
+        lines = [
+            f"HTTP/1.1 {self.status} {REASONS.get(self.status, '')}",
+            f"Content-Type: {self.content_type}",
+            f"Content-Length: {len(self.body)}",
+            "Connection: close",
+            "Cache-Control: no-store",
+            "X-Content-Type-Options: nosniff",
+            *(f"{k}: {v}" for k, v in self.headers.items()),
+        ]
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode()
+        return head if head_only else head + self.body
+
+
+def error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    return Response(status, json.dumps({"error": message}) + "\n", JSON, headers)
+
+
+def _json(value: Any, status: int = 200) -> Response:
+    return Response(status, json.dumps(value, indent=1) + "\n")
+
+
+def _page() -> tuple[bytes, str]:
+    """The status page, and its Content-Security-Policy (its inline script and style by
+    hash: nothing else runs, nothing is loaded from elsewhere)."""
+    page = files("kmsd").joinpath("status.html").read_bytes()
+    hashes = {}
+    for tag in ("script", "style"):
+        start = page.index(f"<{tag}>".encode()) + len(tag) + 2
+        end = page.index(f"</{tag}>".encode(), start)
+        hashes[tag] = b64encode(hashlib.sha256(page[start:end]).digest()).decode()
+    policy = (
+        "default-src 'none'; connect-src 'self'; img-src 'self'; "
+        f"script-src 'sha256-{hashes['script']}'; style-src 'sha256-{hashes['style']}'; "
+        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    )
+    return page, policy
+
+
+class AdminServer:
+    """Serves the admin endpoint of one KmsServer (and its store and DNS publisher)."""
+
+    def __init__(
+        self,
+        kms: KmsServer,
+        store: SqliteStore | None = None,
+        publisher: object | None = None,
+    ) -> None:
+        self.kms = kms
+        self.store = store
+        self.publisher = publisher
+        self.metrics = kms.metrics
+        if store is not None:
+            self.metrics.commit_failures = lambda: store.failures
+        self.watch_dns(publisher)
+        self.page, self.policy = _page()
+        self.address: tuple[str, int] | None = None
+        self.loop_lag = 0.0
+        self._server: asyncio.Server | None = None
+        self._beat: asyncio.TimerHandle | None = None
+        self._clients: set[asyncio.Task[None]] = set()
+        self.routes: dict[str, Callable[[dict[str, list[str]]], Any]] = {
+            "/": self.status_page,
+            "/metrics": self.metrics_text,
+            "/healthz": self.healthz,
+            "/readyz": self.readyz,
+            "/api/clients": self.api_clients,
+            "/api/stats": self.api_stats,
+            "/api/status": self.api_status,
+        }
+
+    def watch_dns(self, publisher: object | None) -> None:
+        """Report this DNS publisher's state (None: publication is off)."""
+        self.publisher = publisher
+        if publisher is not None:
+            self.metrics.dns_state = lambda: publisher_state(publisher)
+
+    async def start(self, host: str, port: int = DEFAULT_PORT) -> None:
+        try:
+            self._server = await asyncio.start_server(self._serve, host, port, limit=MAX_HEAD)
+        except OSError as exc:
+            where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            raise OSError(
+                exc.errno, f"admin endpoint: cannot listen on {where}: {exc.strerror}"
+            ) from None
+        sock = self._server.sockets[0].getsockname()
+        self.address = (sock[0], sock[1])
+        loop = asyncio.get_running_loop()
+        self._beat = loop.call_later(HEARTBEAT, self._heartbeat, loop.time() + HEARTBEAT)
+        where = f"[{sock[0]}]:{sock[1]}" if ":" in sock[0] else f"{sock[0]}:{sock[1]}"
+        log.info("admin endpoint", address=where, url=f"http://{where}/")
+
+    async def stop(self) -> None:
+        if self._beat is not None:
+            self._beat.cancel()
+        if self._server is not None:
+            self._server.close()
+            for task in list(self._clients):
+                task.cancel()
+            await self._server.wait_closed()
+            self._server = None
+
+    def _heartbeat(self, due: float) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        self.loop_lag = max(0.0, now - due)
+        self._beat = loop.call_later(HEARTBEAT, self._heartbeat, now + HEARTBEAT)
+
+    # HTTP ---------------------------------------------------------------------------
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._clients.add(task)
+        try:
+            if len(self._clients) > MAX_CLIENTS:
+                response, head_only = error(503, "too many admin connections"), False
+            else:
+                response, head_only = await self._respond(reader)
+            writer.write(response.encode(head_only))
+            await asyncio.wait_for(writer.drain(), REQUEST_TIMEOUT)
+        except (ConnectionError, TimeoutError):
+            pass
+        finally:
+            self._clients.discard(task)
+            writer.close()
+            with contextlib.suppress(ConnectionError, TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(writer.wait_closed(), REQUEST_TIMEOUT)
+
+    async def _respond(self, reader: asyncio.StreamReader) -> tuple[Response, bool]:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), REQUEST_TIMEOUT)
+        except asyncio.LimitOverrunError:
+            return error(431, f"request head larger than {MAX_HEAD} bytes"), False
+        except asyncio.IncompleteReadError as exc:
+            if len(exc.partial) >= MAX_HEAD:
+                return error(431, f"request head larger than {MAX_HEAD} bytes"), False
+            return error(400, "incomplete request"), False
+        except TimeoutError:
+            return error(408, f"no complete request within {REQUEST_TIMEOUT:g} s"), False
+        line = head.split(b"\r\n", 1)[0].decode("latin-1")
+        parts = line.split(" ")
+        if len(parts) != 3 or not parts[1].startswith("/"):
+            return error(400, "malformed request line"), False
+        method, target, version = parts
+        if not version.startswith("HTTP/1."):
+            return error(505, "HTTP/1.x only"), False
+        head_only = method == "HEAD"
+        if method not in ("GET", "HEAD"):
+            return error(405, f"{method} not allowed", {"Allow": "GET, HEAD"}), False
+        url = urlsplit(target)
+        handler = self.routes.get(url.path)
+        if handler is None:
+            return error(404, f"no such page: {url.path}"), head_only
+        try:
+            response: Response = await handler(parse_qs(url.query))
+        except Exception:
+            log.exception("admin endpoint: internal error", path=url.path)
+            response = error(500, "internal error (logged)")
+        return response, head_only
+
+    # Pages ----------------------------------------------------------------------------
+
+    async def status_page(self, _: dict[str, list[str]]) -> Response:
+        return Response(200, self.page, HTML, {"Content-Security-Policy": self.policy})
+
+    async def metrics_text(self, _: dict[str, list[str]]) -> Response:
+        text = self.metrics.render(
+            open_connections=len(self.kms.connections),
+            tables=self.tables(),
+            ready=self.ready()[0],
+            loop_lag=self.loop_lag,
+        )
+        return Response(200, text, METRICS)
+
+    async def healthz(self, _: dict[str, list[str]]) -> Response:
+        """Alive, and its event loop answers (this reply comes from it)."""
+        return _json({"status": "ok", "loop_lag_seconds": round(self.loop_lag, 6)})
+
+    async def readyz(self, _: dict[str, list[str]]) -> Response:
+        ready, checks = self.ready()
+        return _json({"ready": ready, "checks": checks}, 200 if ready else 503)
+
+    def ready(self) -> tuple[bool, dict[str, bool]]:
+        checks = {"listening": self.kms.serving}
+        if self.store is not None:
+            checks["store_writer"] = self.store.writer_alive
+            checks["last_commit_ok"] = self.store.commit_ok
+        return all(checks.values()), checks
+
+    async def api_clients(self, query: dict[str, list[str]]) -> Response:
+        app = None
+        if "app" in query:
+            try:
+                app = resolve_app(query["app"][0])
+            except StoreError as exc:
+                return error(400, str(exc))
+        now, lifetime = self.kms.clock(), self.lifetime()
+        return await self._api(lambda db: read_clients(db, now, lifetime, app))
+
+    async def api_stats(self, _: dict[str, list[str]]) -> Response:
+        now, lifetime = self.kms.clock(), self.lifetime()
+        return await self._api(lambda db: read_stats(db, now, lifetime))
+
+    async def api_status(self, _: dict[str, list[str]]) -> Response:
+        """What the status page shows beside the table: health, connections, recent
+        activations (newest first), DNS publication."""
+        ready, checks = self.ready()
+        return _json(
+            {
+                "version": __version__,
+                "uptime_seconds": round(time.time() - self.metrics.started, 3),
+                "ready": ready,
+                "checks": checks,
+                "connections_open": len(self.kms.connections),
+                "connections_accepted": self.metrics.accepted,
+                "dns": self.metrics.dns_state(),
+                "recent": self.metrics.recent_activations(),
+            }
+        )
+
+    # Reading the table ----------------------------------------------------------------
+
+    def lifetime(self) -> float:
+        counter = self.working_copy()
+        return counter.lifetime if counter is not None else 30 * 86400.0
+
+    def working_copy(self) -> MemoryCounter | None:
+        counter = self.kms.host.counter
+        if isinstance(counter, SqliteStore):
+            return counter.counter
+        return counter if isinstance(counter, MemoryCounter) else None
+
+    def tables(self) -> list[tuple[str, int, int]]:
+        """(application, count, capacity) from the working copy; applications not in the
+        product database are summed as one."""
+        counter = self.working_copy()
+        if counter is None:
+            return []
+        now = self.kms.clock()
+        out: dict[str, list[int]] = {}
+        for app, table in counter.tables.items():
+            name = app_name(str(app))
+            if name == str(app):
+                name = UNKNOWN
+            row = out.setdefault(name, [0, 0])
+            row[0] += table.count(now)
+            row[1] += table.capacity
+        return [(name, count, capacity) for name, (count, capacity) in out.items()]
+
+    async def _api(self, query: Callable[[sqlite3.Connection], list[T]]) -> Response:
+        store = self.store
+        if store is None:
+            return error(503, "no database: kmsd counts in memory only")
+        try:
+            if store.path == MEMORY:
+                rows = await store.read(query)
+            else:
+                rows = await asyncio.to_thread(_read_only, store.path, query)
+        except (sqlite3.Error, StoreError) as exc:
+            return error(503, f"cannot read the database: {exc}")
+        return _json([asdict(r) for r in rows])  # type: ignore[call-overload]
+
+
+def _read_only(path: str, query: Callable[[sqlite3.Connection], T]) -> T:
+    db = sqlite3.connect(f"file:{quote(path)}?mode=ro", uri=True, timeout=2.0)
+    try:
+        return query(db)
+    finally:
+        db.close()
+
+
+async def start(
+    listen: tuple[str, int],
+    kms: KmsServer,
+    store: SqliteStore | None = None,
+    publisher: object | None = None,
+) -> AdminServer:
+    admin = AdminServer(kms, store, publisher)
+    await admin.start(*listen)
+    return admin
