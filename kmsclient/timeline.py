@@ -81,7 +81,7 @@ def to_json(timeline: Timeline) -> dict[str, Any]:
 
 def _row_key(sample: Sample) -> tuple[object, ...]:
     tallies = sample.tallies
-    notable = ("activated", "below", "refused", "failover", "failed", "expired", "joined", "left")
+    notable = ("activated", "refused", "failover", "failed", "expired", "joined", "left")
     return (
         tuple(sample.licensed.values()),
         tuple(sorted(sample.counts.items())),
@@ -117,10 +117,13 @@ def to_text(timeline: Timeline) -> str:
     unit = "hour" if timeline.step < DAY else "day"
     groups = [g.name for g in timeline.groups]
     lines.append(
-        f"Timeline   at the end of each {unit}; rows where nothing but renewals happened "
-        "are left out"
+        f"Timeline   at the end of each {unit}; left out: rows that only repeat the previous "
+        "one's\n           licensed clients and counts, with nothing but renewals and "
+        "below-threshold answers;\n           per group: licensed clients; per period: requests, "
+        "activations, renewals,\n           below-threshold answers, failed attempts and "
+        "failovers, expirations"
     )
-    header = f"{'at':<10} " + " ".join(f"{g[:10]:>10}" for g in groups)
+    header = f"{'at':<11} " + " ".join(f"{g[:10]:>10}" for g in groups)
     header += "   req  act  ren  below fail  exp  count last reported by host/application"
     lines.append(header)
     previous: tuple[object, ...] | None = None
@@ -130,7 +133,7 @@ def to_text(timeline: Timeline) -> str:
             continue
         previous = key[:2]
         t = sample.tallies
-        row = f"{at(sample.offset):<10} "
+        row = f"{at(sample.offset):<11} "
         row += " ".join(f"{sample.licensed[g]:>10}" for g in groups)
         row += (
             f" {t['requests']:>5} {t['activated']:>4} {t['renewed']:>4} {t['below']:>6}"
