@@ -90,6 +90,8 @@ def log_overrides(args: argparse.Namespace) -> None:
     for name, value in overrides.items():
         if value is not None:
             log.warning("lab override: not how a real KMS host counts", override=name, value=value)
+    if args.clock_file:
+        log.warning("time read from a file: for tests and simulations only", path=args.clock_file)
 
 
 async def serve(args: argparse.Namespace, settings: ServerSettings) -> None:

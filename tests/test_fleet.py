@@ -19,6 +19,7 @@ from kmsclient.fleet import InProcess, Loopback, Timeline, simulate, write_clock
 from kmsclient.licensing import DAY, HOUR
 from kmsclient.scenario import ScenarioError, from_dict, load, parse_duration
 from kmsclient.target import Target
+from kmsd.clock import FileClock
 
 from .conftest import KmsdProcess, start_kmsd
 
@@ -241,3 +242,16 @@ def test_every_shipped_scenario_loads_and_charts() -> None:
         assert scenario.clients > 0, path
     tl = Timeline(scenario, "x", DAY, [], [], {}, None)
     assert chart.to_svg(tl).startswith("<svg")
+
+
+def test_kmsd_clock_file_keeps_the_last_time_read(tmp_path: Path) -> None:
+    path = tmp_path / "clock"
+    with pytest.raises(OSError, match="clock file"):
+        FileClock(path)
+    write_clock(path, 1_700_000_000.5)
+    clock = FileClock(path)
+    assert clock() == 1_700_000_000.5
+    write_clock(path, 1_800_000_000.0)
+    assert clock() == 1_800_000_000.0
+    path.unlink()
+    assert clock() == 1_800_000_000.0
