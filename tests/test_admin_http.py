@@ -26,7 +26,7 @@ from kmsclient.session import HostRefused, KmsConnection, base_request
 from kmsd import web
 from kmsd.host import HostIdentity, HostPolicy, KmsHost
 from kmsd.limits import Admission
-from kmsd.metrics import Metrics
+from kmsd.metrics import Metrics, publisher_state
 from kmsd.protocol.kms import BaseRequest
 from kmsd.protocol.products import products
 from kmsd.protocol.rpc import DREP_LE, HEADER
@@ -471,3 +471,25 @@ async def test_status_page_in_a_headless_browser_shows_a_new_client(tmp_path: Pa
         assert re.search(r'<div id="error" style="display: none;"></div>', dom)  # no API errors
     finally:
         assert stop_kmsd(kmsd) == 0
+
+
+def test_dns_publication_state_is_exported() -> None:
+    import dns.name
+
+    from kmsd.dns.publish import Publisher, PublishSettings
+
+    zone = dns.name.from_text("lab.test")
+    settings = PublishSettings(zone=zone, host=dns.name.from_text("kms1.lab.test"))
+    publisher = Publisher(settings, [("192.0.2.1", 1688)])
+    m = Metrics()
+    m.dns_state = lambda: publisher_state(publisher)
+    m.activation("Windows", "Windows 10/11 Enterprise", "6.0", 1, 25, "ws", "a", 0)
+    text = m.render(open_connections=0)
+    assert value(parse_exposition(text), "kmsd_dns_published", zone="lab.test") == 0
+    publisher.published = publisher.desired(("192.0.2.53", 53))
+    samples = parse_exposition(m.render(open_connections=0))
+    assert value(samples, "kmsd_dns_published", zone="lab.test") == 1
+    assert publisher_state(publisher)["srv"] == "0 0 1688 kms1.lab.test."
+    assert "kmsd_dns_published" not in {
+        n for n, _ in parse_exposition(Metrics().render(open_connections=0))
+    }
