@@ -55,8 +55,7 @@ async def hostile(port: int, index: int, stop: asyncio.Event) -> bool:
     """One misbehaving connection; returns whether the server closed it before `stop`."""
     source = f"127.0.0.{2 + index % 200}"
     try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port,
-                                                       local_addr=(source, 0))
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
     except OSError:
         return True
     kind = index % 3
@@ -78,8 +77,12 @@ async def hostile(port: int, index: int, stop: asyncio.Event) -> bool:
 
 async def legit(port: int, args: argparse.Namespace) -> LoadReport:
     spec = LoadSpec(
-        target=Target("127.0.0.1", port), protocols=(4, 5, 6), clients=300,
-        concurrency=args.concurrency, duration=args.duration, count=args.count,
+        target=Target("127.0.0.1", port),
+        protocols=(4, 5, 6),
+        clients=300,
+        concurrency=args.concurrency,
+        duration=args.duration,
+        count=args.count,
         new_connection=True,
     )
     return await run_load(spec, make_request)
@@ -100,13 +103,16 @@ async def measure(port: int, args: argparse.Namespace) -> None:
     print(line(f"legitimate, {args.hostile} hostile open", await legit(port, args)), flush=True)
     stop.set()
     closed = sum(await asyncio.gather(*tasks))
-    print(f"hostile connections closed by the server: {closed} of {args.hostile} "
-          f"(read timeout {args.read_timeout} s; idle ones stay until the idle timeout)")
+    print(
+        f"hostile connections closed by the server: {closed} of {args.hostile} "
+        f"(read timeout {args.read_timeout} s; idle ones stay until the idle timeout)"
+    )
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--hostile", type=int, default=1000, help="misbehaving connections (<= 5000)")
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
@@ -119,9 +125,21 @@ def main() -> None:
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         server = subprocess.Popen(
-            [sys.executable, "-m", "kmsd", "--listen", f"127.0.0.1:{port}", "--db",
-             f"{tmp}/kmsd.db", "--log-level", "error", "--max-connections",
-             str(args.hostile + 500), "--read-timeout", str(args.read_timeout)],
+            [
+                sys.executable,
+                "-m",
+                "kmsd",
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--db",
+                f"{tmp}/kmsd.db",
+                "--log-level",
+                "error",
+                "--max-connections",
+                str(args.hostile + 500),
+                "--read-timeout",
+                str(args.read_timeout),
+            ],
             cwd=ROOT,
         )
         try:

@@ -30,8 +30,14 @@ from kmsclient.session import KmsConnection, base_request  # noqa: E402
 from kmsd.protocol.products import products  # noqa: E402
 
 DB = products()
-SKUS = [DB.sku_by_name(n) for n in ("Windows 10/11 Enterprise", "Windows Server 2022 Standard",
-                                     "Office LTSC Professional Plus 2021")]
+SKUS = [
+    DB.sku_by_name(n)
+    for n in (
+        "Windows 10/11 Enterprise",
+        "Windows Server 2022 Standard",
+        "Office LTSC Professional Plus 2021",
+    )
+]
 
 
 def proc_figures(pid: int) -> tuple[int, int, int]:
@@ -55,8 +61,11 @@ async def soak(port: int, pid: int, args: argparse.Namespace) -> dict[str, int]:
     while (now := time.monotonic()) - start < args.duration and done < args.max_activations:
         if now >= next_sample:
             rss, fds, threads = proc_figures(pid)
-            print(f"{now - start:7.0f} s  activations {done:8d}  errors {errors:4d}  "
-                  f"RSS {rss / 1024:6.1f} MiB  fds {fds:4d}  threads {threads}", flush=True)
+            print(
+                f"{now - start:7.0f} s  activations {done:8d}  errors {errors:4d}  "
+                f"RSS {rss / 1024:6.1f} MiB  fds {fds:4d}  threads {threads}",
+                flush=True,
+            )
             next_sample += args.sample
         sku = rng.choice(SKUS)
         assert sku is not None
@@ -67,11 +76,13 @@ async def soak(port: int, pid: int, args: argparse.Namespace) -> dict[str, int]:
             if kept is None or rng.random() < 0.5:
                 conn = await KmsConnection.open("127.0.0.1", port)
                 reply = await asyncio.wait_for(
-                    conn.activate(base_request(sku, client_machine_id=cmid)), 10)
+                    conn.activate(base_request(sku, client_machine_id=cmid)), 10
+                )
                 await conn.close()
             else:
                 reply = await asyncio.wait_for(
-                    kept.activate(base_request(sku, client_machine_id=cmid)), 10)
+                    kept.activate(base_request(sku, client_machine_id=cmid)), 10
+                )
             if kept is None:
                 kept = await KmsConnection.open("127.0.0.1", port)
             last_count[sku.kms.application.name] = reply.base.count
@@ -87,14 +98,16 @@ async def soak(port: int, pid: int, args: argparse.Namespace) -> dict[str, int]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--duration", type=float, default=1800.0, help="seconds (<= 4 h)")
     p.add_argument("--rate", type=float, default=200.0, help="activations per second")
     p.add_argument("--max-activations", type=int, default=2_000_000)
     p.add_argument("--clients", type=int, default=200, help="machines in the lab")
-    p.add_argument("--churn", type=float, default=0.05,
-                   help="chance that a request comes from a new machine")
+    p.add_argument(
+        "--churn", type=float, default=0.05, help="chance that a request comes from a new machine"
+    )
     p.add_argument("--sample", type=float, default=60.0, help="seconds between samples")
     p.add_argument("--seed", type=int, default=1)
     args = p.parse_args()
@@ -105,8 +118,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         db = f"{tmp}/kmsd.db"
         server = subprocess.Popen(
-            [sys.executable, "-m", "kmsd", "--listen", f"127.0.0.1:{port}", "--db", db,
-             "--log-level", "warning"], cwd=ROOT)
+            [
+                sys.executable,
+                "-m",
+                "kmsd",
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--db",
+                db,
+                "--log-level",
+                "warning",
+            ],
+            cwd=ROOT,
+        )
         try:
             deadline = time.monotonic() + 15
             while time.monotonic() < deadline:
@@ -114,9 +138,15 @@ def main() -> None:
                     break
                 time.sleep(0.05)
             reported = asyncio.run(soak(port, server.pid, args))
-            stats = json.loads(subprocess.run(
-                [sys.executable, "-m", "kmsd", "stats", "--db", db, "--json"],
-                capture_output=True, text=True, check=True, cwd=ROOT).stdout)
+            stats = json.loads(
+                subprocess.run(
+                    [sys.executable, "-m", "kmsd", "stats", "--db", db, "--json"],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                    cwd=ROOT,
+                ).stdout
+            )
         finally:
             server.terminate()
             server.wait(timeout=30)
