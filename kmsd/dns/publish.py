@@ -44,6 +44,9 @@ MAX_BACKOFF = 300.0
 UPDATE_TIMEOUT = 5.0  # seconds for one update exchange
 WITHDRAW_TIMEOUT = 3.0  # a stopping kmsd waits no longer than this for its records to go
 
+# Failures after which an update may or may not have been applied.
+UNCERTAIN = frozenset({"TIMEOUT", "NETWORK"})
+
 # What a TSIG error the primary reported in its answer means (dnspython raises for them).
 _TSIG_ERRORS: dict[type[Exception], str] = {
     dns.tsig.PeerBadKey: "BADKEY",
@@ -184,9 +187,7 @@ def route_address(server: tuple[str, int]) -> str | None:
         return None
 
 
-async def _current_srv(
-    name: dns.name.Name, server: tuple[str, int]
-) -> list[dns.rdtypes.IN.SRV.SRV]:
+async def current_srv(name: dns.name.Name, server: tuple[str, int]) -> list[dns.rdtypes.IN.SRV.SRV]:
     query = dns.message.make_query(name, "SRV")
     response = await dns.asyncquery.tcp(query, server[0], timeout=UPDATE_TIMEOUT, port=server[1])
     rrset = response.get_rrset(response.answer, name, dns.rdataclass.IN, dns.rdatatype.SRV)
@@ -194,6 +195,7 @@ async def _current_srv(
 
 
 Sender = Callable[[dns.message.Message, tuple[str, int]], Awaitable[None]]
+Reader = Callable[[dns.name.Name, tuple[str, int]], Awaitable[list[dns.rdtypes.IN.SRV.SRV]]]
 
 
 class Publisher:
@@ -205,12 +207,14 @@ class Publisher:
         listening: Sequence[tuple[str, int]],
         *,
         send: Sender = send_update,
+        read: Reader = current_srv,
         local_address: Callable[[tuple[str, int]], str | None] = route_address,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
         self.listening = tuple(listening)
         self.send = send
+        self.read = read
         self.local_address = local_address
         self.clock = clock
         self.published: Publication | None = None
@@ -280,7 +284,7 @@ class Publisher:
         if not self._checked_stale:
             # Records an earlier run left behind (a crash) with other priority or weight.
             try:
-                current = await _current_srv(want.srv_name, server)
+                current = await self.read(want.srv_name, server)
             except (OSError, EOFError, dns.exception.DNSException) as exc:
                 raise UpdateFailed("NETWORK", f"cannot read the SRV records: {exc}") from None
             stale = [
@@ -290,12 +294,15 @@ class Publisher:
             ]
         remove = self.published if self.published != want else None
         self.attempted = want
-        await self.send(
-            update_message(
-                self.settings.zone, self.settings.key, add=want, remove=remove, stale=stale
-            ),
-            server,
+        msg = update_message(
+            self.settings.zone, self.settings.key, add=want, remove=remove, stale=stale
         )
+        try:
+            await self.send(msg, server)
+        except UpdateFailed as exc:
+            if exc.rcode not in UNCERTAIN:
+                self.attempted = None  # the primary answered: nothing of it was applied
+            raise
         self._checked_stale = True
         self.published = want
         return want

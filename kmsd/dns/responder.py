@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import ipaddress
 import signal
 import struct
@@ -31,6 +32,7 @@ DNS_PORT = 53
 UDP_PLAIN = 512  # largest UDP answer to a query without EDNS (RFC 1035)
 UDP_MAX = 4096  # largest UDP answer whatever EDNS offers
 TCP_IDLE = 10.0  # seconds a TCP client may stay silent
+BIND_TRIES = 20  # ephemeral UDP ports tried until TCP's same port is free too
 CLASS_IN, CLASS_ANY = 1, 255
 
 
@@ -208,18 +210,33 @@ class Responder:
     async def start(self, listen: Sequence[tuple[str, int]]) -> None:
         try:
             for host, port in listen:
-                udp = await asyncio_dgram.bind((host, port))
+                udp, tcp = await self._bind(host, port)
                 self._udp.append(udp)
-                bound = udp.sockname
-                tcp = await asyncio.start_server(
-                    _Tcp(self.zone), host, bound[1], reuse_address=True
-                )
                 self._tcp.append(tcp)
                 self._tasks.append(asyncio.create_task(self._serve_udp(udp)))
+                bound = udp.sockname
                 self.addresses.append((bound[0], bound[1]))
         except OSError:
             await self.stop()
             raise
+
+    async def _bind(
+        self, host: str, port: int
+    ) -> tuple[asyncio_dgram.DatagramServer, asyncio.Server]:
+        """UDP and TCP on the same port; for port 0, one free for both."""
+        for _ in range(BIND_TRIES if port == 0 else 1):
+            udp = await asyncio_dgram.bind((host, port))
+            try:
+                tcp = await asyncio.start_server(
+                    _Tcp(self.zone), host, udp.sockname[1], reuse_address=True
+                )
+            except OSError as exc:
+                udp.close()
+                if port != 0 or exc.errno != errno.EADDRINUSE:
+                    raise
+                continue
+            return udp, tcp
+        raise OSError(errno.EADDRINUSE, f"no port free for both UDP and TCP on {host}")
 
     async def _serve_udp(self, udp: asyncio_dgram.DatagramServer) -> None:
         with contextlib.suppress(asyncio_dgram.TransportClosed):

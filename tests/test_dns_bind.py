@@ -1,0 +1,322 @@
+"""kmsd publishes by dynamic update to a real BIND 9, kmsclient discovers through it.
+
+BIND (`named`, Debian's bind9) runs on 127.0.0.1 on a free port with the zone lab.test,
+updatable only with a TSIG key; kmsd instances listen on 127.0.0.2, .3, ... as distinct hosts.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from kmsclient import cli as kmsclient_cli
+
+from .conftest import KmsdProcess, start_kmsd, stop_kmsd
+
+ZONE = "lab.test"
+SRV_NAME = f"_vlmcs._tcp.{ZONE}"
+KEY_NAME = "kmsd-key"
+NAMED = shutil.which("named") or "/usr/sbin/named"
+
+if not (os.path.exists(NAMED) and shutil.which("dig")):
+    if os.environ.get("CI"):
+        raise RuntimeError("bind9 and bind9-dnsutils must be installed (see .ci/run)")
+    pytest.skip("BIND 9 (named, dig) is not installed", allow_module_level=True)
+
+
+def key_file(path: Path, secret: bytes, name: str = KEY_NAME) -> Path:
+    text = base64.b64encode(secret).decode()
+    path.write_text(f'key "{name}" {{\n\talgorithm hmac-sha256;\n\tsecret "{text}";\n}};\n')
+    return path
+
+
+def free_port() -> int:
+    """A port free for both UDP and TCP on 127.0.0.1 (named binds both)."""
+    for _ in range(20):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.bind(("127.0.0.1", 0))
+            port = int(udp.getsockname()[1])
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+                try:
+                    tcp.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
+    raise RuntimeError("no free port")
+
+
+@dataclass
+class Bind:
+    process: subprocess.Popen[bytes]
+    port: int
+    key: Path
+    log: list[str]
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def dig(self, name: str, rdtype: str) -> list[str]:
+        out = subprocess.run(
+            ["dig", "@127.0.0.1", "-p", str(self.port), name, rdtype, "+short", "+tries=2"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
+        return sorted(line for line in out.splitlines() if line)
+
+    def read_until(self, text: str, timeout: float = 10.0) -> str:
+        """The next line of named's log that contains `text`."""
+        assert self.process.stderr is not None
+        fd = self.process.stderr.fileno()
+        deadline = time.monotonic() + timeout
+        pending = b""
+        while time.monotonic() < deadline:
+            if not select.select([fd], [], [], deadline - time.monotonic())[0]:
+                break
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            *lines, pending = (pending + chunk).split(b"\n")
+            for line in lines:
+                decoded = line.decode(errors="replace")
+                self.log.append(decoded)
+                if text in decoded:
+                    return decoded
+        raise AssertionError(f"named logged no {text!r} within {timeout} s: {self.log[-20:]}")
+
+
+@pytest.fixture(scope="module")
+def bind(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bind]:
+    work = tmp_path_factory.mktemp("named")
+    key = key_file(work / "kmsd.key", os.urandom(32))
+    port = free_port()
+    (work / "named.conf").write_text(
+        f"""
+include "{key}";
+options {{
+    directory "{work}";
+    listen-on port {port} {{ 127.0.0.1; }};
+    listen-on-v6 {{ none; }};
+    pid-file none;
+    session-keyfile none;
+    recursion no;
+    dnssec-validation no;
+    notify no;
+}};
+controls {{ }};
+zone "{ZONE}" {{
+    type primary;
+    file "{work}/{ZONE}.zone";
+    update-policy {{ grant {KEY_NAME} zonesub ANY; }};
+}};
+"""
+    )
+    (work / f"{ZONE}.zone").write_text(
+        f"""$TTL 60
+@    IN SOA ns.{ZONE}. hostmaster.{ZONE}. 1 3600 600 86400 60
+@    IN NS  ns.{ZONE}.
+ns   IN A   127.0.0.1
+"""
+    )
+    process = subprocess.Popen(
+        [NAMED, "-g", "-u", "root", "-c", str(work / "named.conf")],
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )
+    server = Bind(process, port, key, [])
+    try:
+        server.read_until("running")
+        yield server
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+
+
+def publishing_kmsd(
+    bind: Bind, address: str, name: str, priority: int, weight: int, *extra: str
+) -> KmsdProcess:
+    """kmsd on `address` (its own "host"), published as `name`, once BIND has the records."""
+    kmsd = start_kmsd(
+        "--fixed-count",
+        "50",
+        "--publish-zone",
+        ZONE,
+        "--publish-server",
+        bind.address,
+        "--publish-key",
+        str(bind.key),
+        "--publish-host",
+        f"{name}.{ZONE}",
+        "--publish-priority",
+        str(priority),
+        "--publish-weight",
+        str(weight),
+        "--publish-ttl",
+        "30",
+        *extra,
+        listen=f"{address}:0",
+    )
+    return kmsd
+
+
+def activate(bind: Bind, state: Path, *extra: str) -> dict[str, object]:
+    out = io.StringIO()
+    argv = ["activate", "--domain", ZONE, "--nameserver", bind.address, "--state", str(state)]
+    kmsclient_cli.main([*argv, "--json", "--timeout", "2", *extra], out)
+    result: dict[str, object] = json.loads(out.getvalue())
+    return result
+
+
+def attempts(result: dict[str, object]) -> list[tuple[str, str]]:
+    discovery = result["discovery"]
+    assert isinstance(discovery, dict)
+    return [(a["host"], a["status"]) for a in discovery["attempts"]]
+
+
+def test_publish_dig_discover_activate_withdraw(bind: Bind, tmp_path: Path) -> None:
+    kmsd = publishing_kmsd(bind, "127.0.0.2", "kms-a", 0, 10)
+    try:
+        published = kmsd.read_log_until("dns published")
+        assert published["srv"] == f"{SRV_NAME}. 0 10 {kmsd.port} kms-a.{ZONE}."
+        assert published["addresses"] == ["127.0.0.2"]
+        bind.read_until(f"adding an RR at '{SRV_NAME}' SRV")
+        assert bind.dig(SRV_NAME, "SRV") == [f"0 10 {kmsd.port} kms-a.{ZONE}."]
+        assert bind.dig(f"kms-a.{ZONE}", "A") == ["127.0.0.2"]
+        result = activate(bind, tmp_path / "state.json")
+        assert result["status"] == "activated"
+        assert result["host"] == f"127.0.0.2:{kmsd.port}"
+        assert attempts(result) == [(f"kms-a.{ZONE}", "activated")]
+    finally:
+        assert stop_kmsd(kmsd) == 0
+    assert any(e.get("event") == "dns withdrawn" for e in kmsd.log)
+    assert bind.dig(SRV_NAME, "SRV") == []
+    assert bind.dig(f"kms-a.{ZONE}", "A") == []
+
+
+def test_priorities_failover_cache_and_only_own_records_removed(bind: Bind, tmp_path: Path) -> None:
+    state = tmp_path / "state.json"
+    main = publishing_kmsd(bind, "127.0.0.3", "kms-main", 0, 0)
+    backups = [
+        publishing_kmsd(bind, "127.0.0.4", "kms-b1", 10, 1),
+        publishing_kmsd(bind, "127.0.0.5", "kms-b2", 10, 3),
+    ]
+    everyone = [main, *backups]
+    try:
+        for kmsd in everyone:
+            kmsd.read_log_until("dns published")
+        assert bind.dig(SRV_NAME, "SRV") == [
+            f"0 0 {main.port} kms-main.{ZONE}.",
+            f"10 1 {backups[0].port} kms-b1.{ZONE}.",
+            f"10 3 {backups[1].port} kms-b2.{ZONE}.",
+        ]
+        # Priority 0 first, every time, whatever the weights.
+        for _ in range(3):
+            state.unlink(missing_ok=True)
+            assert attempts(activate(bind, state)) == [(f"kms-main.{ZONE}", "activated")]
+        assert json.loads(state.read_text())[ZONE]["name"] == f"kms-main.{ZONE}"
+
+        # The preferred host dies without withdrawing: its records stay, it does not answer.
+        main.process.send_signal(signal.SIGKILL)
+        main.process.wait(timeout=10)
+        result = activate(bind, state)
+        assert result["status"] == "activated"
+        tried = attempts(result)
+        assert tried[0] == (f"kms-main.{ZONE}", "unreachable")  # the cached host first
+        assert tried[1][1] == "activated" and tried[1][0] in (f"kms-b1.{ZONE}", f"kms-b2.{ZONE}")
+        assert len(tried) == 2  # the dead host is not tried twice
+        cached = json.loads(state.read_text())[ZONE]["name"]
+        assert cached == tried[1][0]
+
+        # The next activation goes straight to the cached backup.
+        again = activate(bind, state)
+        assert attempts(again) == [(cached, "activated")]
+        assert again["discovery"]["source"] == "cache"  # type: ignore[index]
+
+        # The backups stop cleanly: they remove their own records, not the dead host's.
+        for kmsd in backups:
+            assert stop_kmsd(kmsd) == 0
+        assert bind.dig(SRV_NAME, "SRV") == [f"0 0 {main.port} kms-main.{ZONE}."]
+        assert bind.dig(f"kms-b1.{ZONE}", "A") == []
+        assert bind.dig(f"kms-main.{ZONE}", "A") == ["127.0.0.3"]
+        gone = activate(bind, state)
+        assert gone["status"] == "unreachable"
+        assert not state.exists() or ZONE not in json.loads(state.read_text())
+    finally:
+        for kmsd in everyone:
+            stop_kmsd(kmsd)
+        # Clean the dead host's leftovers for the other tests, as an operator would.
+        cleanup = subprocess.run(
+            ["nsupdate", "-k", str(bind.key)],
+            input=f"server 127.0.0.1 {bind.port}\nzone {ZONE}\n"
+            f"update delete {SRV_NAME} SRV\nupdate delete kms-main.{ZONE} A\nsend\n",
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        assert cleanup.returncode == 0, cleanup.stderr
+
+
+def test_wrong_key_is_refused_logged_and_kmsd_serves_on(bind: Bind, tmp_path: Path) -> None:
+    wrong = key_file(tmp_path / "wrong.key", os.urandom(32))
+    kmsd = start_kmsd(
+        "--fixed-count",
+        "50",
+        "--publish-zone",
+        ZONE,
+        "--publish-server",
+        bind.address,
+        "--publish-key",
+        str(wrong),
+        "--publish-host",
+        f"kms-wrong.{ZONE}",
+        listen="127.0.0.6:0",
+    )
+    try:
+        failed = kmsd.read_log_until("dns update failed")
+        assert failed["rcode"] == "NOTAUTH"
+        assert "BADSIG" in str(failed["error"])
+        assert failed["retry_in"] == 1.0
+        bind.read_until("BADSIG")
+        again = kmsd.read_log_until("dns update failed", timeout=5)  # retried, with backoff
+        assert again["retry_in"] == 2.0
+        assert bind.dig(SRV_NAME, "SRV") == []
+        out = io.StringIO()
+        assert kmsclient_cli.main(["activate", f"127.0.0.6:{kmsd.port}"], out) == 0
+    finally:
+        assert stop_kmsd(kmsd) == 0
+    assert not any(e.get("event") == "dns withdrawn" for e in kmsd.log)
+
+
+def test_unsigned_update_is_refused(bind: Bind) -> None:
+    kmsd = start_kmsd(
+        "--publish-zone",
+        ZONE,
+        "--publish-server",
+        bind.address,
+        "--publish-host",
+        f"kms-unsigned.{ZONE}",
+        listen="127.0.0.7:0",
+    )
+    try:
+        assert kmsd.read_log_until("dns update failed")["rcode"] == "REFUSED"
+    finally:
+        assert stop_kmsd(kmsd) == 0
