@@ -6,20 +6,21 @@ import argparse
 import asyncio
 import os
 import signal
+import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from . import __version__, admin, config, logs
+from . import __version__, admin, config, logs, privileges, reload, systemd
 from .clock import FileClock
-from .host import HostIdentity, HostPolicy, KmsHost
+from .host import HostIdentity, KmsHost
 from .protocol.products import products
 from .server import KmsServer, ServerSettings
-from .store import SqliteStore, StoreError
+from .store import MEMORY, SqliteStore, StoreError
 
 if TYPE_CHECKING:
     from . import web
@@ -68,16 +69,7 @@ def make_host(args: argparse.Namespace, store: SqliteStore) -> KmsHost:
         store.save_identity(hwid, identity.epids)
     identity.hwid = args.hwid or hwid
     identity.overrides = dict(args.epid)
-    policy = HostPolicy(
-        activation_interval=args.activation_interval,
-        renewal_interval=args.renewal_interval,
-        strict=args.strict,
-        verify=args.verify,
-        max_clock_skew=args.max_clock_skew * 3600 if args.max_clock_skew else None,
-        fixed_count=args.fixed_count,
-        precharge=args.precharge,
-    )
-    return KmsHost(store, identity, policy, database=db)
+    return KmsHost(store, identity, reload.host_policy(args), database=db)
 
 
 def log_overrides(args: argparse.Namespace) -> None:
@@ -94,14 +86,26 @@ def log_overrides(args: argparse.Namespace) -> None:
         log.warning("time read from a file: for tests and simulations only", path=args.clock_file)
 
 
-async def serve(args: argparse.Namespace, settings: ServerSettings) -> None:
+async def serve(
+    args: argparse.Namespace,
+    settings: ServerSettings,
+    *,
+    cli: Mapping[str, Any] | None = None,
+    effective: config.Effective | None = None,
+    sockets: Sequence[socket.socket] = (),
+) -> None:
+    """Serve until SIGTERM. `cli` and `effective`: what SIGHUP reloads from; `sockets`:
+    listening sockets from systemd, served instead of settings.listen."""
     store = open_store(args)
     try:
         host = make_host(args, store)
         store.start(asyncio.get_running_loop())
         clock = FileClock(Path(args.clock_file)) if args.clock_file else time.time
         server = KmsServer(host, settings, clock=clock, store=store)
-        await server.start()
+        await server.start(sockets, serving=args.user is None)
+        if args.user is not None:  # bound and open as root; serve as the user
+            privileges.drop_to(args.user, None if args.db == MEMORY else args.db)
+            await server.start_serving()
     except BaseException:
         await store.close()
         raise
@@ -114,6 +118,9 @@ async def serve(args: argparse.Namespace, settings: ServerSettings) -> None:
     publisher = _start_publishing(args, server.addresses)
     if endpoint is not None:
         endpoint.watch_dns(publisher)
+    if effective is not None:
+        reloader = reload.Reloader(cli or {}, effective, host, publisher)
+        loop.add_signal_handler(signal.SIGHUP, reloader.reload)
     log.info(
         "kmsd ready",
         version=__version__,
@@ -121,7 +128,11 @@ async def serve(args: argparse.Namespace, settings: ServerSettings) -> None:
         hwid=host.identity.hwid.hex().upper(),
         strict=host.policy.strict,
     )
+    listening = ", ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in server.addresses)
+    systemd.notify(f"READY=1\nSTATUS=serving on {listening}")
+    watchdog = systemd.start_watchdog()
     await stop.wait()
+    systemd.notify("STOPPING=1\nSTATUS=stopping")
     log.info("stopping", connections=len(server.connections))
     if endpoint is not None:
         await endpoint.stop()
@@ -130,6 +141,8 @@ async def serve(args: argparse.Namespace, settings: ServerSettings) -> None:
     await server.stop()
     await store.close()
     await server.drained()
+    if watchdog is not None:
+        watchdog.cancel()
     log.info("stopped")
 
 
@@ -179,7 +192,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_only = bool(argv) and argv[0] == "check-config"
     parser = build_parser()
     try:
-        effective = config.resolve(vars(parser.parse_args(argv[1:] if check_only else argv)))
+        given = vars(parser.parse_args(argv[1:] if check_only else argv))
+        effective = config.resolve(given)
     except config.ConfigError as exc:
         print(f"kmsd: configuration error:\n{exc}", file=sys.stderr)
         return 2
@@ -188,6 +202,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     args = effective.namespace()
     logs.configure(args.log_format, args.log_level)
+    try:
+        inherited = systemd.listen_sockets()
+    except systemd.ActivationError as exc:
+        log.error("cannot start", error=str(exc))
+        return 1
     listen = tuple(args.listen)
     if effective.sources["listen"] == "default" and not _ipv6_available():
         listen = listen[:1]
@@ -204,9 +223,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         btfn=args.btfn,
     )
     try:
-        asyncio.run(serve(args, settings))
-    except (OSError, StoreError) as exc:
+        asyncio.run(serve(args, settings, cli=given, effective=effective, sockets=inherited))
+    except (OSError, StoreError, privileges.PrivilegeError) as exc:
         log.error("cannot start", error=str(exc))
+        systemd.notify(f"STATUS=cannot start: {exc}")
         return 1
     return 0
 

@@ -2,7 +2,8 @@
 
 Precedence: command line > environment (KMSD_*) > configuration file > defaults. The
 file is `--config PATH`, else $KMSD_CONFIG, else /etc/kmsd/kmsd.toml when it exists. Its
-tables are the option groups below ([network], [host], [table], [dns], [logging]).
+tables are the option groups below ([network], [host], [table], [dns], [logging],
+[process]).
 """
 
 from __future__ import annotations
@@ -127,6 +128,20 @@ def parse_address(text: str) -> str:
         return str(ipaddress.ip_address(text))
     except ValueError:
         raise ValueError(f"{text!r} is not an IP address") from None
+
+
+def parse_user(text: str) -> str:
+    """A user name (or numeric ID) of this system's password database."""
+    import pwd
+
+    try:
+        if text.isdigit():
+            pwd.getpwuid(int(text))
+        else:
+            pwd.getpwnam(text)
+    except KeyError:
+        raise ValueError(f"{text!r}: no such user") from None
+    return text
 
 
 def number(
@@ -517,6 +532,16 @@ OPTIONS: tuple[Option, ...] = (
         "the least important messages shown",
         "{debug,info,warning,error}",
         reload=True,
+    ),
+    Option(
+        "user",
+        "process",
+        parse_user,
+        None,
+        "started as root (to bind port 1688 without systemd): run as this user once the "
+        "sockets are bound and the database is open; kmsd refuses to start when it does not "
+        "exist",
+        "NAME",
     ),
 )
 BY_NAME = {o.name: o for o in OPTIONS}

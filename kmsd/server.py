@@ -7,7 +7,7 @@ import os
 import socket
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
@@ -75,9 +75,18 @@ class KmsServer:
         self._servers: list[asyncio.Server] = []
         self.addresses: list[tuple[str, int]] = []
 
-    async def start(self) -> None:
+    async def start(self, sockets: Sequence[socket.socket] = (), *, serving: bool = True) -> None:
+        """Listen on settings.listen, or, when `sockets` are given, on those bound listening
+        sockets instead (socket activation). serving=False: bound, but accepting nothing
+        until start_serving() (so that privileges can be dropped in between)."""
         loop = asyncio.get_running_loop()
-        for host, port in self.settings.listen:
+        for sock in sockets:
+            self._servers.append(
+                await loop.create_server(
+                    lambda: _KmsProtocol(self), sock=sock, start_serving=serving
+                )
+            )
+        for host, port in () if sockets else self.settings.listen:
             try:
                 server = await loop.create_server(
                     lambda: _KmsProtocol(self),
@@ -85,6 +94,7 @@ class KmsServer:
                     port,
                     reuse_address=True,
                     family=socket.AF_INET6 if ":" in host else socket.AF_INET,
+                    start_serving=serving,
                 )
             except OSError as exc:
                 await self.stop()
@@ -92,11 +102,17 @@ class KmsServer:
                     exc.errno, f"cannot listen on {_fmt(host, port)}: {exc.strerror}"
                 ) from None
             self._servers.append(server)
+        for server in self._servers:
             for sock in server.sockets:
                 addr = sock.getsockname()
                 self.addresses.append((addr[0], addr[1]))
         for host, port in self.addresses:
-            log.info("listening", address=_fmt(host, port))
+            log.info("listening", address=_fmt(host, port), inherited=bool(sockets))
+
+    async def start_serving(self) -> None:
+        """Accept connections on sockets bound by start(serving=False)."""
+        for server in self._servers:
+            await server.start_serving()
 
     async def stop(self) -> None:
         """Stop listening; close each connection once its replies are out (replies still
