@@ -74,7 +74,7 @@ async def test_sighup_applies_the_new_file(tmp_path: Path) -> None:
         reload(kmsd)
         failed = kmsd.read_log_until("reload failed, running configuration kept")
         assert failed["level"] == "error"
-        problems = "\n".join(map(str, failed["problems"]))  # type: ignore[call-overload]
+        problems = "\n".join(map(str, failed["problems"]))
         assert "host.renewal_interval: '-1' must be at least 1" in problems
         assert "host.bogus: unknown option" in problems
         third = await activate(kmsd)
@@ -183,3 +183,38 @@ def test_unknown_user_is_refused_before_anything_runs() -> None:
     assert result.returncode == 2
     assert "command line" in result.stderr or "no such user" in result.stderr
     assert "'no-such-user-kmsd': no such user" in result.stderr
+
+
+class FakePublisher:
+    def __init__(self) -> None:
+        self.settings: list[object] = []
+
+    def reconfigure(self, settings: object) -> None:
+        self.settings.append(settings)
+
+
+def test_reload_reconfigures_dns_publication(tmp_path: Path) -> None:
+    file = tmp_path / "kmsd.toml"
+    dns = '[dns]\npublish_zone = "lab.test"\npublish_server = "127.0.0.1:5300"\n'
+    file.write_text(dns)
+    given = vars(build_parser().parse_args(["--config", str(file)]))
+    publisher = FakePublisher()
+    reloader = Reloader(
+        given,
+        config.resolve(given, {}),
+        make_host(),
+        publisher,
+        environ={},
+        notify=len,
+    )
+    file.write_text(dns + "publish_ttl = 60\npublish_priority = 5\n")
+    assert reloader.reload()
+    (settings,) = publisher.settings
+    assert (settings.ttl, settings.priority, settings.zone.to_text()) == (60, 5, "lab.test.")
+    # Another zone needs a restart: the publisher is left alone.
+    file.write_text(
+        dns.replace("lab.test", "other.test") + "publish_ttl = 60\npublish_priority = 5\n"
+    )
+    assert reloader.reload()
+    assert len(publisher.settings) == 1
+    assert reloader.effective.values["publish_zone"] == "lab.test"

@@ -40,7 +40,7 @@ def kmsd_command(*args: str) -> list[str]:
 def spawn(argv: list[str], env: dict[str, str], **kw: object) -> KmsdProcess:
     proc = subprocess.Popen(
         argv, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1", **env}, **kw
-    )  # type: ignore[call-overload]
+    )
     return KmsdProcess(proc, LOOPBACK, 0)
 
 
