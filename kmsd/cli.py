@@ -9,7 +9,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -223,12 +223,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         btfn=args.btfn,
     )
     try:
-        asyncio.run(serve(args, settings, cli=given, effective=effective, sockets=inherited))
+        run(serve(args, settings, cli=given, effective=effective, sockets=inherited), args.loop)
     except (OSError, StoreError, privileges.PrivilegeError) as exc:
         log.error("cannot start", error=str(exc))
         systemd.notify(f"STATUS=cannot start: {exc}")
         return 1
     return 0
+
+
+def run(main: Coroutine[Any, Any, None], loop: str) -> None:
+    """Run on uvloop when asked to ("auto": when it is installed), else on asyncio's loop."""
+    if loop != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if loop == "uvloop":
+                raise StoreError("--loop uvloop: uvloop is not installed") from None
+        else:
+            uvloop.run(main)
+            return
+    asyncio.run(main)
 
 
 def _ipv6_available() -> bool:

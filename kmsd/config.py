@@ -303,6 +303,15 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("btfn", "network", parse_bool, True, "refuse bind-time feature negotiation", flag=True),
     Option(
+        "loop",
+        "network",
+        one_of("auto", "uvloop", "asyncio"),
+        "auto",
+        "event loop: uvloop (faster; pip install 'kmsd[fast]'), asyncio's own, or auto: uvloop "
+        "when installed",
+        "{auto,uvloop,asyncio}",
+    ),
+    Option(
         "activation_interval",
         "host",
         number(int, 1),
