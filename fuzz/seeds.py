@@ -10,6 +10,8 @@ import os
 import sys
 from pathlib import Path
 
+import dnslib
+
 from kmsclient.session import base_request
 from kmsd.protocol import ndr
 from kmsd.protocol.kms import encode_request
@@ -29,6 +31,8 @@ def seeds() -> dict[str, list[bytes]]:
         "kms_v6": [],
         "kms_response": [],
         "config_file": [],
+        "dns_reply": [],
+        "dns_query": [],
     }
     for path in sorted(VECTORS.glob("*.json"))[:20]:
         vector = json.loads(path.read_text())
@@ -54,6 +58,17 @@ def seeds() -> dict[str, list[bytes]]:
         out[f"kms_v{major}"].append(message[4:])
         out["ndr_stubs"] += [ndr.wrap_request(message, False), ndr.wrap_request(message, True)]
     out["config_file"].append((ROOT / "deploy" / "kmsd.toml").read_bytes())
+    query = dnslib.DNSRecord.question("_vlmcs._tcp.lab.test", "SRV")
+    out["dns_query"] += [query.pack(), dnslib.DNSRecord.question("kms1.lab.test", "A").pack()]
+    reply = query.reply()
+    reply.add_answer(
+        *dnslib.RR.fromZone(
+            "_vlmcs._tcp.lab.test. 300 IN SRV 0 10 1688 kms1.lab.test.\n"
+            "_vlmcs._tcp.lab.test. 300 IN SRV 1 0 1688 kms2.lab.test."
+        )
+    )
+    reply.add_ar(*dnslib.RR.fromZone("kms1.lab.test. 300 IN A 127.0.0.1"))
+    out["dns_reply"].append(reply.pack())
     out["config_file"].append(b'[network]\nlisten = ["127.0.0.1:1688"]\n[host]\nstrict = true\n')
     return out
 

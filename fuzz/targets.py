@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import dnslib
+
+from kmsclient.discovery import _addresses_in, matching_reply, order, srv_records
 from kmsd import config
 from kmsd.cache import MemoryCounter
+from kmsd.dns.responder import Zone, parse_kms
 from kmsd.host import HostIdentity, KmsHost
 from kmsd.protocol import ndr
 from kmsd.protocol.connection import AssociationGroups, Call, Close, Send, ServerConnection
@@ -109,7 +114,46 @@ def config_file(data: bytes) -> None:
         config.read_file(path)
 
 
+_SRV_NAME = "_vlmcs._tcp.lab.test"
+_ZONE = Zone(
+    "lab.test",
+    [parse_kms("127.0.0.1:1688,priority=0,weight=10"), parse_kms("[::1]:1688,priority=1,weight=0")],
+)
+
+
+def dns_reply(data: bytes) -> None:
+    """The client's handling of a DNS reply: matched to its query or dropped; then the SRV
+    records, their addresses and the RFC 2782 order."""
+    qid = int.from_bytes(data[:2], "big") if len(data) >= 2 else 0
+    reply = matching_reply(data, qid, _SRV_NAME, "SRV")
+    if reply is None:
+        return
+    records = srv_records(reply, _SRV_NAME)
+    for record in records:
+        _addresses_in(reply.ar, {record.target})
+    order(records, random.Random(0))
+
+
+def dns_query(data: bytes) -> None:
+    """The lab DNS responder: a reply that parses, or no reply."""
+    for udp in (True, False):
+        answer = _ZONE.answer(data, udp=udp)
+        if answer is not None:
+            dnslib.DNSRecord.parse(answer)
+
+
 TARGETS: dict[str, Callable[[bytes], None]] = {
     t.__name__: t
-    for t in (rpc_pdu, connection, ndr_stubs, kms_v4, kms_v5, kms_v6, kms_response, config_file)
+    for t in (
+        rpc_pdu,
+        connection,
+        ndr_stubs,
+        kms_v4,
+        kms_v5,
+        kms_v6,
+        kms_response,
+        config_file,
+        dns_reply,
+        dns_query,
+    )
 }

@@ -29,6 +29,7 @@ from typing import Protocol, TypeVar
 
 import asyncio_dgram
 import dnslib
+from dnslib.label import DNSLabelError
 
 from .activation import Result
 from .outcome import Status
@@ -185,7 +186,14 @@ def matching_reply(data: bytes, qid: int, qname: str, qtype: str) -> dnslib.DNSR
     """The reply to our query, or None when `data` is not it (ID, question, not a reply)."""
     try:
         reply = dnslib.DNSRecord.parse(data)
-    except (dnslib.DNSError, IndexError, struct.error, UnicodeDecodeError, ValueError):
+    except (
+        dnslib.DNSError,
+        DNSLabelError,
+        IndexError,
+        struct.error,
+        UnicodeDecodeError,
+        ValueError,
+    ):
         return None
     if reply.header.id != qid or not reply.header.qr or len(reply.questions) != 1:
         return None
@@ -197,6 +205,17 @@ def matching_reply(data: bytes, qid: int, qname: str, qtype: str) -> dnslib.DNSR
     ):
         return None
     return reply
+
+
+def srv_records(reply: dnslib.DNSRecord, name: str) -> list[SrvRecord]:
+    """The SRV records for `name` in a reply's answer, in order; target "." (RFC 2782:
+    decidedly not available here) left out."""
+    records = [
+        SrvRecord(rr.rdata.priority, rr.rdata.weight, rr.rdata.port, _name(rr.rdata.target), rr.ttl)
+        for rr in reply.rr
+        if rr.rtype == dnslib.QTYPE.SRV and _name(rr.rname) == name.lower()
+    ]
+    return [r for r in records if r.target]
 
 
 def _name(label: object) -> str:
@@ -302,17 +321,8 @@ class Resolver:
         of its target: from the additional section, else queried."""
         name = f"{SERVICE}.{domain.rstrip('.')}"
         reply = await self.query(name, "SRV")
-        records = [
-            SrvRecord(
-                rr.rdata.priority, rr.rdata.weight, rr.rdata.port, _name(rr.rdata.target), rr.ttl
-            )
-            for rr in reply.rr
-            if rr.rtype == dnslib.QTYPE.SRV and _name(rr.rname) == name.lower()
-        ]
-        # RFC 2782: a single record with target "." means: decidedly not available here.
-        records = [r for r in records if r.target]
         candidates = []
-        for record in records:
+        for record in srv_records(reply, name):
             found = tuple(_addresses_in(reply.ar, {record.target}))
             if not found:
                 found = await self.addresses(record.target)

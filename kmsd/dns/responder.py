@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import asyncio_dgram
 import dnslib
 import structlog
+from dnslib.label import DNSLabelError
 
 from .. import logs
 from ..config import parse_listen, show_listen
@@ -121,7 +122,7 @@ class Zone:
         Over UDP, a reply longer than the client can take is truncated (TC)."""
         try:
             query = dnslib.DNSRecord.parse(data)
-        except (dnslib.DNSError, IndexError, struct.error, UnicodeDecodeError):
+        except (dnslib.DNSError, DNSLabelError, IndexError, struct.error, UnicodeDecodeError):
             return None
         if query.header.qr:
             return None
@@ -139,7 +140,13 @@ class Zone:
             reply.header.rcode = dnslib.RCODE.FORMERR
         else:
             self._resolve(query.q, reply)
-        packed: bytes = reply.pack()
+        try:
+            packed: bytes = reply.pack()
+        except (dnslib.DNSError, DNSLabelError, ValueError):
+            # dnslib parses names it cannot encode again (a label over 63 bytes once its
+            # dots are counted): such a question gets FORMERR without being echoed.
+            header = dnslib.DNSHeader(id=query.header.id, qr=1, aa=1, rcode=dnslib.RCODE.FORMERR)
+            return bytes(dnslib.DNSRecord(header).pack())
         if udp:
             limit = UDP_PLAIN if edns is None else min(max(edns.rclass, UDP_PLAIN), UDP_MAX)
             if len(packed) > limit:
