@@ -31,6 +31,8 @@ import asyncio_dgram
 import dnslib
 from dnslib.label import DNSLabelError
 
+from kmsd.addresses import parse_ip_port
+
 from .activation import Result
 from .outcome import Status
 from .target import Target
@@ -132,21 +134,7 @@ def order(records: Sequence[R], rng: random.Random, ignore_priority: bool = Fals
 
 def parse_nameserver(text: str) -> Nameserver:
     """IP, IP:PORT or [IPv6]:PORT; raises ValueError."""
-    host, port = text, str(DNS_PORT)
-    if text.startswith("["):
-        end = text.find("]")
-        if end < 0 or text[end + 1 : end + 2] not in ("", ":"):
-            raise ValueError(f"{text!r}: expected [IPv6]:PORT")
-        host, port = text[1:end], text[end + 2 :] or port
-    elif text.count(":") == 1:
-        host, port = text.split(":")
-    try:
-        host = str(ipaddress.ip_address(host))
-    except ValueError:
-        raise ValueError(f"{text!r}: a nameserver is an IP address") from None
-    if not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise ValueError(f"{text!r}: port must be 1-65535")
-    return host, int(port)
+    return parse_ip_port(text, DNS_PORT, "a nameserver")
 
 
 def system_config(path: Path = RESOLV_CONF) -> tuple[list[Nameserver], list[str]]:

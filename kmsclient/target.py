@@ -10,6 +10,8 @@ import ipaddress
 import socket
 from dataclasses import dataclass
 
+from kmsd.addresses import join_host_port, split_host_port
+
 DEFAULT_PORT = 1688
 
 
@@ -19,25 +21,15 @@ class Target:
     port: int = DEFAULT_PORT
 
     def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
+        return join_host_port(self.host, self.port)
 
 
 def parse_target(text: str) -> Target:
     """HOST, HOST:PORT, IPv6, or [IPv6]:PORT; raises ValueError."""
-    host, port = text, str(DEFAULT_PORT)
-    if text.startswith("["):
-        end = text.find("]")
-        if end < 0 or text[end + 1 : end + 2] not in ("", ":"):
-            raise ValueError(f"{text!r}: expected [IPv6] or [IPv6]:PORT")
-        host, port = text[1:end], text[end + 2 :] or port
-    elif text.count(":") == 1:
-        host, port = text.split(":")
+    host, port = split_host_port(text, DEFAULT_PORT)
     if not host:
         raise ValueError(f"{text!r}: no host")
-    if not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise ValueError(f"{text!r}: port must be 1-65535")
-    return Target(host, int(port))
+    return Target(host, port)
 
 
 async def loopback_only(target: Target) -> None:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from . import __version__, admin, config, logs, privileges, reload, systemd
+from .addresses import join_host_port
 from .clock import FileClock
 from .host import HostIdentity, KmsHost
 from .protocol.products import products
@@ -128,7 +129,7 @@ async def serve(
         hwid=host.identity.hwid.hex().upper(),
         strict=host.policy.strict,
     )
-    listening = ", ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in server.addresses)
+    listening = ", ".join(join_host_port(h, p) for h, p in server.addresses)
     systemd.notify(f"READY=1\nSTATUS=serving on {listening}")
     watchdog = systemd.start_watchdog()
     await stop.wait()

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
+from .addresses import join_host_port, parse_ip_port, split_host_port
 from .cache import RECORD_LIFETIME
 from .host import DEFAULT_ACTIVATION_INTERVAL, DEFAULT_RENEWAL_INTERVAL
 from .protocol.epid import parse_epid
@@ -39,32 +40,18 @@ class ConfigError(Exception):
 
 def parse_listen(text: str) -> tuple[str, int]:
     """HOST:PORT, [IPv6]:PORT, HOST (port 1688) or :PORT (all IPv4 addresses)."""
-    host, port = text, str(DEFAULT_PORT)
-    if text.startswith("["):
-        end = text.find("]")
-        if end < 0 or text[end + 1 : end + 2] not in ("", ":"):
-            raise ValueError(f"{text!r}: expected [IPv6]:PORT")
-        host, rest = text[1:end], text[end + 2 :]
-        port = rest or port
-    elif text.count(":") == 1:
-        host, port = text.split(":")
-        host = host or "0.0.0.0"
-    if not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"{text!r}: port must be 0-65535")
-    return host, int(port)
+    host, port = split_host_port(text, DEFAULT_PORT, min_port=0)
+    return host or "0.0.0.0", port
 
 
 def show_listen(value: tuple[str, int]) -> str:
-    host, port = value
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return join_host_port(*value)
 
 
 def parse_admin(text: str) -> tuple[str, int]:
     """The admin endpoint: HOST:PORT, [IPv6]:PORT, or HOST alone (port 9688)."""
-    host, port = parse_listen(text)
-    if port == DEFAULT_PORT and not text.endswith(f":{DEFAULT_PORT}"):
-        port = DEFAULT_ADMIN_PORT
-    return host, port
+    host, port = split_host_port(text, DEFAULT_ADMIN_PORT, min_port=0)
+    return host or "0.0.0.0", port
 
 
 def parse_hwid(text: str) -> bytes:
@@ -114,13 +101,7 @@ def parse_zone(text: str) -> str:
 
 def parse_dns_server(text: str) -> tuple[str, int]:
     """IP, IP:PORT, IPv6 or [IPv6]:PORT (port 53)."""
-    host, port = text, 53
-    if text.startswith("[") or text.count(":") == 1:
-        host, port = parse_listen(text if ":" in text.rpartition("]")[2] else f"{text}:53")
-    try:
-        return str(ipaddress.ip_address(host)), port
-    except ValueError:
-        raise ValueError(f"{text!r}: expected the IP address of the DNS server") from None
+    return parse_ip_port(text, 53, "the DNS server")
 
 
 def parse_address(text: str) -> str:

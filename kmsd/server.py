@@ -13,6 +13,7 @@ from typing import Any, Protocol, cast
 
 import structlog
 
+from .addresses import join_host_port
 from .host import KmsHost
 from .limits import Admission, Network
 from .metrics import Metrics
@@ -99,7 +100,7 @@ class KmsServer:
             except OSError as exc:
                 await self.stop()
                 raise OSError(
-                    exc.errno, f"cannot listen on {_fmt(host, port)}: {exc.strerror}"
+                    exc.errno, f"cannot listen on {join_host_port(host, port)}: {exc.strerror}"
                 ) from None
             self._servers.append(server)
         for server in self._servers:
@@ -107,7 +108,7 @@ class KmsServer:
                 addr = sock.getsockname()
                 self.addresses.append((addr[0], addr[1]))
         for host, port in self.addresses:
-            log.info("listening", address=_fmt(host, port), inherited=bool(sockets))
+            log.info("listening", address=join_host_port(host, port), inherited=bool(sockets))
 
     async def start_serving(self) -> None:
         """Accept connections on sockets bound by start(serving=False)."""
@@ -146,10 +147,6 @@ class KmsServer:
             self._all_closed.set()
 
 
-def _fmt(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 class _KmsProtocol(asyncio.Protocol):
     transport: asyncio.Transport
 
@@ -171,7 +168,7 @@ class _KmsProtocol(asyncio.Protocol):
         server = self.server
         peer = transport.get_extra_info("peername")
         self.address = peer[0] if peer else "?"
-        self.peer = _fmt(peer[0], peer[1]) if peer else "?"
+        self.peer = join_host_port(peer[0], peer[1]) if peer else "?"
         loop = asyncio.get_running_loop()
         refused = server.admission.admit(self.address, loop.time())
         if refused is not None:

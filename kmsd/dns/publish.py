@@ -32,6 +32,7 @@ import dns.tsig
 import dns.update
 import structlog
 
+from ..addresses import join_host_port
 from .keyfile import read_key
 
 log = structlog.get_logger("kmsd")
@@ -382,10 +383,7 @@ class Publisher:
 
 
 def _fmt(server: tuple[str, int] | None) -> str | None:
-    if server is None:
-        return None
-    host, port = server
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return None if server is None else join_host_port(*server)
 
 
 def settings_from(args: argparse.Namespace) -> PublishSettings | None:
