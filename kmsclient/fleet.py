@@ -101,15 +101,12 @@ class InProcess:
                 payload, _ = kms.answer(prepared.message, now, "simulated")
                 base = verify_reply(request, prepared.iv, payload).reply.base
                 return Answer(base.count, base.activation_interval, base.renewal_interval)
-            kms.check(request, now)
-            counted = kms.counter.count(request, now, "simulated")
+            count = kms.count(request, now, "simulated")
         except KmsError as exc:
             return Refused(f"HRESULT 0x{exc.hresult:08X}: {exc.reason}")
         except NotGenuine as exc:
             return Refused(f"not genuine: {exc.check}")
-        policy = kms.policy  # the count as KmsHost.answer reports it
-        count = policy.fixed_count if policy.fixed_count is not None else counted + policy.precharge
-        return Answer(count, policy.activation_interval, policy.renewal_interval)
+        return Answer(count, kms.policy.activation_interval, kms.policy.renewal_interval)
 
 
 class Loopback:

@@ -124,15 +124,20 @@ class KmsHost:
                     f"{item.name} sent with application {base.application_id}",
                 )
 
+    def count(self, base: BaseRequest, now: float, address: str = "") -> int:
+        """Check a request against the policy, record it and return the count to report
+        (the lab overrides apply here); raises KmsError with the HRESULT to answer."""
+        self.check(base, now)
+        counted = self.counter.count(base, now, address)
+        policy = self.policy
+        return policy.fixed_count if policy.fixed_count is not None else counted + policy.precharge
+
     def answer(self, message: bytes, now: float, address: str = "") -> tuple[bytes, Activation]:
         """Answer one KMS request from `address`; raises KmsError when the answer is an
         HRESULT."""
         request = decode_request(message, verify=self.policy.verify)
         base = request.base
-        self.check(base, now)
-        counted = self.counter.count(base, now, address)
-        policy = self.policy
-        count = policy.fixed_count if policy.fixed_count is not None else counted + policy.precharge
+        count = self.count(base, now, address)
         epid = self.epid_for(base.application_id, base.kms_id)
         response = BaseResponse(
             major=base.major,
