@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 import sqlite3
 import subprocess
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -144,3 +145,30 @@ async def test_database_locked_by_another_process(
         lambda db: blocker.rollback(),
     )
     blocker.close()
+
+
+async def test_dns_primary_down_is_logged_and_retried_while_kmsd_serves() -> None:
+    from tests.conftest import start_kmsd, stop_kmsd
+
+    with socket.socket() as closed:  # a port nobody listens on: the primary is down
+        closed.bind((LOOPBACK, 0))
+        port = closed.getsockname()[1]
+    kmsd = start_kmsd(
+        "--publish-zone",
+        "lab.test",
+        "--publish-server",
+        f"{LOOPBACK}:{port}",
+        "--publish-address",
+        LOOPBACK,
+    )
+    try:
+        first = await asyncio.to_thread(kmsd.read_log_until, "dns update failed")
+        assert SKU
+        conn = await KmsConnection.open(kmsd.host, kmsd.port)
+        reply = await asyncio.wait_for(conn.activate(base_request(SKU)), TIMEOUT)
+        await conn.close()
+        again = await asyncio.to_thread(kmsd.read_log_until, "dns update failed")
+    finally:
+        assert stop_kmsd(kmsd) == 0
+    assert reply.base.count == 1
+    assert first["server"] == f"{LOOPBACK}:{port}" and first["retry_in"] < again["retry_in"]
