@@ -11,11 +11,12 @@ Modes:
   new   every activation opens a TCP connection, binds, activates and closes, as
         Windows clients do. Its latency includes the connect and the bind.
 
-Load generator: `--workers` processes (multiprocessing, fork), each running its share of
-the clients on one asyncio loop. Each worker encodes a pool of distinct requests (one
-client machine ID each) per version before any timed phase, so the timed loop only
-frames PDUs; every `--verify-every`-th reply is decoded and verified in full
-(kmsd.protocol.kms.decode_response), every reply is checked at the RPC level
+Load generator: kmsclient.load.run_load (the one behind `kmsclient load`), run in
+`--workers` processes (multiprocessing, fork), each with its share of the clients on one
+event loop (uvloop when installed). Each worker encodes a pool of distinct requests (one
+client machine ID each) per version before any timed phase and passes it to run_load, so
+the timed loop only frames PDUs; every `--verify-every`-th reply is decoded and verified in
+full (kmsd.protocol.kms.decode_response), every reply is checked at the RPC level
 (call id, context, HRESULT). Errors are counted by kind.
 
 Server CPU, two methods (see bench/README.md):
@@ -35,7 +36,6 @@ cannot run (server does not start, a worker dies), or with --fail-on-error.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import ipaddress
 import json
@@ -57,11 +57,12 @@ from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any, TextIO
 
-from kmsclient.session import BindOptions, RpcClient, RpcError, base_request
-from kmsd.protocol.errors import KmsError, NotGenuine
-from kmsd.protocol.kms import BaseRequest, decode_response, encode_request
+from kmsclient.activation import CallOptions
+from kmsclient.load import LoadSpec, run_load, run_on_loop
+from kmsclient.session import PreparedRequest, base_request, prepare
+from kmsclient.target import Target as Host
+from kmsd.protocol.kms import BaseRequest
 from kmsd.protocol.products import products
-from kmsd.protocol.rpc import HEADER_SIZE, frag_length_of
 
 DEFAULT_SKU = "Windows 10/11 Enterprise"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -69,8 +70,6 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 # ---------------------------------------------------------------------------------------
 # Load generator (runs in the worker processes)
 # ---------------------------------------------------------------------------------------
-
-PoolEntry = tuple[BaseRequest, bytes, bytes]  # base request, client IV, encoded KMS request
 
 
 @dataclass(frozen=True)
@@ -100,153 +99,55 @@ class WorkerResult:
     elapsed: float = 0.0
 
 
-class _Tickets:
-    """Shared by the clients of one worker: bounds a cell in count and in time."""
-
-    def __init__(self, quota: int, duration: float) -> None:
-        self.quota = quota
-        self.issued = 0
-        self.deadline = time.monotonic() + duration
-
-    def take(self) -> int | None:
-        if self.issued >= self.quota or time.monotonic() >= self.deadline:
-            return None
-        self.issued += 1
-        return self.issued - 1
-
-
-def build_pool(version: int, size: int, worker: int) -> list[PoolEntry]:
+def build_pool(version: int, size: int, worker: int) -> list[PreparedRequest]:
     """`size` distinct requests (distinct client machine IDs) for protocol `version`."""
     sku = products().sku_by_name(DEFAULT_SKU)
     if sku is None:
         raise SystemExit(f"SKU {DEFAULT_SKU!r} missing from the product database")
-    pool: list[PoolEntry] = []
-    for i in range(size):
-        base = base_request(
-            sku,
-            major=version,
-            client_machine_id=uuid.uuid4(),
-            workstation=f"bench-{worker}-{i}.lab.test",
+    return [
+        prepare(
+            base_request(
+                sku,
+                major=version,
+                client_machine_id=uuid.uuid4(),
+                workstation=f"bench-{worker}-{i}.lab.test",
+            )
         )
-        iv = os.urandom(16) if version >= 5 else b""
-        pool.append((base, iv, encode_request(base, iv=iv)))
-    return pool
+        for i in range(size)
+    ]
 
 
-def error_kind(exc: BaseException) -> str:
-    if isinstance(exc, KmsError):
-        return exc.reason
-    if isinstance(exc, NotGenuine):
-        return f"not genuine: {exc.check}"
-    if isinstance(exc, RpcError):
-        return f"rpc: {str(exc)[:60]}"
-    if isinstance(exc, TimeoutError):
-        return "timeout"
-    if isinstance(exc, asyncio.IncompleteReadError):
-        return "connection closed by server"
-    if isinstance(exc, OSError):
-        return f"{type(exc).__name__} (errno {exc.errno})"
-    return f"{type(exc).__name__}: {str(exc)[:60]}"
+def load_spec(spec: CellSpec, pool_size: int) -> LoadSpec:
+    """The kmsclient.load run of one worker's share of a cell. Calls use NDR64 when the
+    host accepts it (no alter_context)."""
+    return LoadSpec(
+        target=Host(spec.host, spec.port),
+        protocols=(spec.version,),
+        clients=pool_size,
+        concurrency=spec.clients,
+        duration=spec.duration,
+        count=spec.quota,
+        new_connection=spec.mode == "new",
+        options=CallOptions(call_ndr64=True, timeout=spec.op_timeout),
+        verify_every=spec.verify_every,
+    )
 
 
-Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter, RpcClient]
+def _no_request(major: int, cmid: uuid.UUID, index: int) -> BaseRequest:
+    raise AssertionError("the request pool is built before the cell")
 
 
-async def _read_pdu(reader: asyncio.StreamReader) -> bytes:
-    head = await reader.readexactly(HEADER_SIZE)
-    return head + await reader.readexactly(frag_length_of(head) - HEADER_SIZE)
-
-
-async def _open(spec: CellSpec) -> Stream:
-    reader, writer = await asyncio.open_connection(spec.host, spec.port)
-    try:
-        rpc = RpcClient(BindOptions())
-        writer.write(rpc.bind())
-        rpc.on_bind_ack(await _read_pdu(reader))
-    except BaseException:
-        writer.transport.abort()
-        raise
-    return reader, writer, rpc
-
-
-async def _exchange(stream: Stream, entry: PoolEntry, verify: bool, res: WorkerResult) -> None:
-    reader, writer, rpc = stream
-    base, iv, message = entry
-    pdu, ctx_id, ndr64 = rpc.request(message)
-    writer.write(pdu)
-    payload = rpc.on_response(await _read_pdu(reader), ctx_id, ndr64)
-    if verify:
-        reply = decode_response(base, iv, payload)
-        res.verified += 1
-        for warning in reply.warnings:
-            res.warnings[warning[:70]] += 1
-
-
-async def _keep_client(
-    spec: CellSpec, pool: list[PoolEntry], tickets: _Tickets, res: WorkerResult
-) -> None:
-    stream: Stream | None = None
-    try:
-        while (i := tickets.take()) is not None:
-            res.attempts += 1
-            try:
-                async with asyncio.timeout(spec.op_timeout):
-                    if stream is None:
-                        stream = await _open(spec)
-                    start = time.perf_counter()  # latency of the exchange alone
-                    await _exchange(stream, pool[i % len(pool)], i % spec.verify_every == 0, res)
-            except Exception as exc:
-                res.errors[error_kind(exc)] += 1
-                if not isinstance(exc, (KmsError, NotGenuine)) and stream is not None:
-                    stream[1].transport.abort()  # the connection state is unknown: start over
-                    stream = None
-                    await asyncio.sleep(0.005)
-                continue
-            res.latencies.append(time.perf_counter() - start)
-            res.ok += 1
-    finally:
-        if stream is not None:
-            stream[1].close()
-
-
-async def _new_client(
-    spec: CellSpec, pool: list[PoolEntry], tickets: _Tickets, res: WorkerResult
-) -> None:
-    while (i := tickets.take()) is not None:
-        res.attempts += 1
-        start = time.perf_counter()  # latency of connect + bind + exchange
-        try:
-            async with asyncio.timeout(spec.op_timeout):
-                stream = await _open(spec)
-                try:
-                    await _exchange(stream, pool[i % len(pool)], i % spec.verify_every == 0, res)
-                finally:
-                    stream[1].close()
-        except Exception as exc:
-            res.errors[error_kind(exc)] += 1
-            await asyncio.sleep(0.005)
-            continue
-        res.latencies.append(time.perf_counter() - start)
-        res.ok += 1
-
-
-async def run_cell(spec: CellSpec, pool: list[PoolEntry]) -> WorkerResult:
+async def run_cell(spec: CellSpec, pool: list[PreparedRequest]) -> WorkerResult:
     res = WorkerResult()
     if spec.clients <= 0 or spec.quota <= 0:
         return res
-    tickets = _Tickets(spec.quota, spec.duration)
-    client = _keep_client if spec.mode == "keep" else _new_client
-    cpu0, t0 = time.process_time(), time.perf_counter()
-    tasks = [asyncio.create_task(client(spec, pool, tickets, res)) for _ in range(spec.clients)]
-    # Each client stops taking tickets at the deadline; one operation may run op_timeout more.
-    _, pending = await asyncio.wait(tasks, timeout=spec.duration + spec.op_timeout + 1)
-    for task in pending:
-        task.cancel()
-        res.errors["client cancelled at the hard deadline"] += 1
-    await asyncio.gather(*tasks, return_exceptions=True)
-    res.elapsed = time.perf_counter() - t0
+    cpu0 = time.process_time()
+    report = await run_load(load_spec(spec, len(pool)), _no_request, pool=pool)
     res.cpu = time.process_time() - cpu0
-    await asyncio.sleep(0)  # let the transports closed above finish closing
+    res.elapsed = report.elapsed
+    res.ok, res.attempts, res.verified = report.activations, report.attempts, report.verified
+    res.errors, res.latencies = report.errors, report.latencies
+    res.warnings = Counter({w[:70]: n for w, n in report.warnings.items()})
     return res
 
 
@@ -262,7 +163,7 @@ def worker_main(conn: Connection, index: int, versions: Sequence[int], pool_size
         spec: CellSpec = msg[1]
         if conn.recv()[0] != "go":
             return
-        conn.send(("result", asyncio.run(run_cell(spec, pools[spec.version]))))
+        conn.send(("result", run_on_loop(run_cell(spec, pools[spec.version]))))
 
 
 # ---------------------------------------------------------------------------------------

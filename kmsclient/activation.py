@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from .outcome import Failure, Status, classify
 from .session import BindOptions, KmsConnection, PreparedRequest
@@ -45,6 +45,7 @@ class Activator:
         self.options = options
         self.conn: KmsConnection | None = None
         self._next_call_id = 2  # vlmcs's counter continues across reconnects
+        self.reconnected = False  # the latest call() found the kept connection closed
 
     async def _connect(self) -> KmsConnection:
         self.conn = await KmsConnection.open(
@@ -56,58 +57,80 @@ class Activator:
         )
         return self.conn
 
-    async def _exchange(self, conn: KmsConnection, prepared: PreparedRequest) -> Result:
+    async def call(self, prepared: PreparedRequest) -> tuple[bytes, float]:
+        """Send one request over the kept connection (connecting and binding first when
+        there is none; reconnecting once when the host had closed it between calls, which
+        sets `reconnected`). Returns the KMS response, checked at the RPC level but not yet
+        verified, and the response time. No time bound here: callers wrap it in a timeout.
+        Raises what the connection or the host's reply raise (see kmsclient.outcome)."""
+        self.reconnected = False
+        conn = self.conn
+        if conn is not None:
+            conn.rpc.warnings.clear()
+            try:
+                return await self._call(conn, prepared)
+            except (asyncio.IncompleteReadError, ConnectionError) as exc:
+                if isinstance(exc, asyncio.IncompleteReadError) and exc.partial:
+                    raise
+                self._drop()
+                self.reconnected = True
+        return await self._call(await self._connect(), prepared)
+
+    async def _call(self, conn: KmsConnection, prepared: PreparedRequest) -> tuple[bytes, float]:
         start = time.perf_counter()
         try:
             payload = await conn.call(prepared, prefer_ndr64=self.options.call_ndr64)
         finally:
             self._next_call_id = conn.rpc.call_id
-        elapsed = time.perf_counter() - start
-        ctx_id, ndr64 = conn.last_call
-        verified = verify_reply(prepared.base, prepared.iv, payload)
-        below = verified.reply.base.count < prepared.base.required_count
-        return Result(
-            self.target,
-            prepared,
-            Status.BELOW_THRESHOLD if below else Status.ACTIVATED,
-            verified,
-            context_id=ctx_id,
-            ndr64=ndr64,
-            response_time=elapsed,
-            warnings=(*conn.rpc.warnings, *verified.reply.warnings),
-        )
+        return payload, time.perf_counter() - start
 
     async def run(self, prepared: PreparedRequest) -> Result:
-        """One exchange within the timeout; never raises for anything the host does."""
-        reconnected = False
+        """One exchange within the timeout, verified; never raises for anything the host
+        does."""
         try:
             async with asyncio.timeout(self.options.timeout):
-                conn = self.conn
-                if conn is not None:
-                    conn.rpc.warnings.clear()
-                    try:
-                        return await self._exchange(conn, prepared)
-                    except (asyncio.IncompleteReadError, ConnectionError) as exc:
-                        if isinstance(exc, asyncio.IncompleteReadError) and exc.partial:
-                            raise
-                        self._drop()
-                        reconnected = True
-                conn = await self._connect()
-                result = await self._exchange(conn, prepared)
-                return replace(result, reconnected=True) if reconnected else result
+                payload, elapsed = await self.call(prepared)
+            assert self.conn is not None
+            conn = self.conn
+            ctx_id, ndr64 = conn.last_call
+            verified = verify_reply(prepared.base, prepared.iv, payload)
+            below = verified.reply.base.count < prepared.base.required_count
+            return Result(
+                self.target,
+                prepared,
+                Status.BELOW_THRESHOLD if below else Status.ACTIVATED,
+                verified,
+                context_id=ctx_id,
+                ndr64=ndr64,
+                response_time=elapsed,
+                warnings=(*conn.rpc.warnings, *verified.reply.warnings),
+                reconnected=self.reconnected,
+            )
         except Exception as exc:
-            failure = classify(exc, self.options.timeout)
             warnings = tuple(self.conn.rpc.warnings) if self.conn is not None else ()
-            if failure.status != Status.REFUSED:
-                self._drop()  # the connection's state is unknown
+            failure = self.fail(exc)
             return Result(
                 self.target,
                 prepared,
                 failure.status,
                 failure=failure,
                 warnings=warnings,
-                reconnected=reconnected,
+                reconnected=self.reconnected,
             )
+
+    def fail(self, exc: Exception) -> Failure:
+        """Classify a failed exchange; drops the connection unless the host refused the
+        call (then the connection is still in a known state)."""
+        failure = classify(exc, self.options.timeout)
+        if failure.status != Status.REFUSED:
+            self._drop()  # the connection's state is unknown
+        return failure
+
+    def abandon(self) -> None:
+        """Close the kept connection without waiting for the close to complete."""
+        if self.conn is not None:
+            self.conn.writer.close()
+            self.conn = None
 
     def _drop(self) -> None:
         if self.conn is not None:

@@ -7,6 +7,7 @@ returned as warning strings instead.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from kmsd.protocol import ndr
@@ -145,11 +146,18 @@ class Verified:
     epid: Epid
 
 
+@functools.lru_cache(maxsize=64)
+def _parse_epid(text: str) -> Epid:
+    """parse_epid, remembered: a host answers with the same few ePIDs (Epid is immutable;
+    a failure raises and is not remembered)."""
+    return parse_epid(text)
+
+
 def verify_reply(base: BaseRequest, iv: bytes, payload: bytes) -> Verified:
     """§6 items 3-14 (kms.decode_response), then the ePID's structure."""
     reply = decode_response(base, iv, payload)
     try:
-        epid = parse_epid(reply.base.epid)
+        epid = _parse_epid(reply.base.epid)
     except ValueError as exc:
         raise NotGenuine("epid_format", str(exc)) from None
     return Verified(reply, epid)
