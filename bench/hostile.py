@@ -15,17 +15,14 @@ import asyncio
 import contextlib
 import os
 import resource
-import socket
-import subprocess
 import sys
-import tempfile
-import time
 import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.daemon import running_kmsd  # noqa: E402
 from kmsclient.load import LoadReport, LoadSpec, run_load  # noqa: E402
 from kmsclient.session import base_request  # noqa: E402
 from kmsclient.target import Target  # noqa: E402
@@ -37,13 +34,6 @@ BIND = bytes.fromhex(
     "05000b03100000004800000002000000d016d0160000000001000000000001007521c8514e845047"
     "b0d8ec255555bc0601000000045d888aeb1cc9119fe808002b10486002000000"
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def make_request(protocol: int, cmid: uuid.UUID, index: int) -> BaseRequest:
@@ -122,37 +112,16 @@ def main() -> None:
     args.hostile = min(args.hostile, 5000)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, args.hostile + 1024)), hard))
-    port = free_port()
-    with tempfile.TemporaryDirectory() as tmp:
-        server = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "kmsd",
-                "--listen",
-                f"127.0.0.1:{port}",
-                "--db",
-                f"{tmp}/kmsd.db",
-                "--log-level",
-                "error",
-                "--max-connections",
-                str(args.hostile + 500),
-                "--read-timeout",
-                str(args.read_timeout),
-            ],
-            cwd=ROOT,
-        )
-        try:
-            deadline = time.monotonic() + 15
-            while time.monotonic() < deadline:
-                with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port)):
-                    break
-                time.sleep(0.05)
-            asyncio.run(measure(port, args))
-        finally:
-            server.terminate()
-            server.wait(timeout=10)
-    print(f"(kmsd pid {server.pid}, loopback only; {os.cpu_count()} CPUs)")
+    with running_kmsd(
+        "--log-level",
+        "error",
+        "--max-connections",
+        str(args.hostile + 500),
+        "--read-timeout",
+        str(args.read_timeout),
+    ) as kmsd:
+        asyncio.run(measure(kmsd.port, args))
+    print(f"(kmsd pid {kmsd.process.pid}, loopback only; {os.cpu_count()} CPUs)")
 
 
 if __name__ == "__main__":

@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -26,6 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.daemon import running_kmsd  # noqa: E402
 from kmsclient.session import KmsConnection, base_request  # noqa: E402
 from kmsd.protocol.products import products  # noqa: E402
 
@@ -112,44 +110,18 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=1)
     args = p.parse_args()
     args.duration = min(args.duration, 4 * 3600)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with tempfile.TemporaryDirectory() as tmp:
-        db = f"{tmp}/kmsd.db"
-        server = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "kmsd",
-                "--listen",
-                f"127.0.0.1:{port}",
-                "--db",
-                db,
-                "--log-level",
-                "warning",
-            ],
-            cwd=ROOT,
+    with running_kmsd("--log-level", "warning") as kmsd:
+        reported = asyncio.run(soak(kmsd.port, kmsd.process.pid, args))
+        stats = json.loads(
+            subprocess.run(
+                [sys.executable, "-m", "kmsd", "stats", "--db", kmsd.db, "--json"],
+                capture_output=True,
+                text=True,
+                check=True,
+                cwd=ROOT,
+            ).stdout
         )
-        try:
-            deadline = time.monotonic() + 15
-            while time.monotonic() < deadline:
-                with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port)):
-                    break
-                time.sleep(0.05)
-            reported = asyncio.run(soak(port, server.pid, args))
-            stats = json.loads(
-                subprocess.run(
-                    [sys.executable, "-m", "kmsd", "stats", "--db", db, "--json"],
-                    capture_output=True,
-                    text=True,
-                    check=True,
-                    cwd=ROOT,
-                ).stdout
-            )
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
+    server = kmsd.process
     counted = {s["application"]: s["count"] for s in stats}
     for app, count in sorted(reported.items()):
         verdict = "consistent" if counted.get(app) == count else "DIFFERENT"
