@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import ipaddress
 import json
 import sqlite3
 import time
@@ -225,6 +226,12 @@ class AdminServer:
         head_only = method == "HEAD"
         if method not in ("GET", "HEAD"):
             return error(405, f"{method} not allowed", {"Allow": "GET, HEAD"}), False
+        if not self._host_allowed(head):
+            return error(
+                421,
+                "on a loopback address the admin endpoint answers only to "
+                "localhost or an IP address (DNS rebinding protection)",
+            ), head_only
         url = urlsplit(target)
         handler = self.routes.get(url.path)
         if handler is None:
@@ -235,6 +242,25 @@ class AdminServer:
             log.exception("admin endpoint: internal error", path=url.path)
             response = error(500, "internal error (logged)")
         return response, head_only
+
+    def _host_allowed(self, head: bytes) -> bool:
+        """Bound to loopback, the endpoint refuses requests naming another host: a web page
+        could otherwise point its own DNS name at 127.0.0.1 and read the API (rebinding)."""
+        if self.address is None or not ipaddress.ip_address(self.address[0]).is_loopback:
+            return True
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.decode("latin-1").partition(":")
+            if name.strip().lower() == "host":
+                host = value.strip()
+                host = host[1 : host.find("]")] if host.startswith("[") else host.split(":")[0]
+                if host.lower() == "localhost":
+                    return True
+                try:
+                    ipaddress.ip_address(host)
+                except ValueError:
+                    return False
+                return True
+        return True  # HTTP/1.0 without Host: not a browser
 
     # Pages ----------------------------------------------------------------------------
 

@@ -92,7 +92,8 @@ async def http(
     """One HTTP exchange over a raw socket: status, headers (lower-case names), body."""
     reader, writer = await asyncio.open_connection(*address)
     try:
-        writer.write(raw or f"{method} {path} HTTP/1.1\r\nHost: kmsd\r\n\r\n".encode())
+        host = f"{address[0]}:{address[1]}"
+        writer.write(raw or f"{method} {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
         data = await asyncio.wait_for(reader.read(), TIMEOUT)  # the server closes
     finally:
         writer.close()
@@ -393,6 +394,17 @@ async def test_http_edge_cases(served: Served, monkeypatch: pytest.MonkeyPatch) 
     assert status == 400
     status, _, _ = await http(address, raw=b"GET / HTTP/2.0\r\n\r\n")
     assert status == 505
+    # On loopback, a request naming another host is refused (DNS rebinding protection).
+    for host, expected in (
+        ("evil.example:9688", 421),
+        ("localhost:9688", 200),
+        ("127.0.0.1", 200),
+        ("[::1]:9688", 200),
+    ):
+        status, _, _ = await http(
+            address, raw=f"GET /healthz HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+        )
+        assert status == expected, host
     # A request head that never completes gets 408 once its time is up.
     monkeypatch.setattr(web, "REQUEST_TIMEOUT", 0.2)
     status, _, _ = await http(address, raw=b"GET / HTTP/1.1\r\n")
