@@ -57,6 +57,7 @@ def open_store(args: argparse.Namespace) -> SqliteStore:
         lifetime=args.record_lifetime * 86400,
         fixed_capacity=args.capacity,
         synchronous=args.synchronous,
+        history=args.history_days * 86400 if args.history_days else None,
     )
 
 

@@ -379,6 +379,15 @@ OPTIONS: tuple[Option, ...] = (
         "PATH",
     ),
     Option(
+        "history_days",
+        "table",
+        number(float, 0),
+        180.0,
+        "days kmsd keeps the last request of a client that is no longer in the table "
+        "(kmsd clients shows the table; 0 keeps them for ever)",
+        "DAYS",
+    ),
+    Option(
         "synchronous",
         "table",
         one_of("normal", "full"),

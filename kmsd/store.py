@@ -17,6 +17,7 @@ import fcntl
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +75,8 @@ MIGRATIONS: dict[int, str] = {
 OUR_TABLES = {"meta", "epids", "apps", "clients", "commands", "sqlite_sequence"}
 POLL_SECONDS = 0.25  # how often the writer looks for admin commands when idle
 MAX_BACKOFF = 5.0
+PRUNE_EVERY = 3600.0  # seconds between prunings of the client history
+DEFAULT_HISTORY = 180 * 86400.0  # a client not seen for this long drops out of the history
 
 
 class StoreError(Exception):
@@ -220,10 +223,14 @@ class SqliteStore:
         lifetime: float = RECORD_LIFETIME,
         fixed_capacity: int | None = None,
         synchronous: str = "normal",
+        history: float | None = DEFAULT_HISTORY,
     ) -> None:
         """`synchronous`: "normal" commits to the write-ahead log (safe from any crash of
         the process), "full" also flushes it to disk (safe from power loss)."""
         self.path = path
+        self.history = history  # seconds; None keeps every client's last request for ever
+        self._latest = 0.0  # the latest time counted (the host's clock, maybe virtual)
+        self._next_prune = 0.0
         if path != MEMORY:
             Path(path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock = None if path == MEMORY else lock_file(path)
@@ -301,6 +308,7 @@ class SqliteStore:
         evicted_tables: list[UUID] = []
         table = self.counter.table(app, evicted_tables)
         count = table.record(request.client_machine_id, request.required_count, now, dropped)
+        self._latest = max(self._latest, now)
         capacity = None
         if self._capacity.get(app) != table.capacity:
             capacity = self._capacity[app] = table.capacity
@@ -440,6 +448,22 @@ class SqliteStore:
             if stopping:
                 return
             data_version = self._poll_commands(data_version)
+            if self.history is not None and time.monotonic() >= self._next_prune and self._latest:
+                self._next_prune = time.monotonic() + PRUNE_EVERY
+                self._prune(self._latest - self.history)
+
+    def _prune(self, before: float) -> None:
+        """Forget the last request of clients not seen since `before` and not in the table."""
+        try:
+            with self._transaction():
+                gone = self.db.execute(
+                    "DELETE FROM clients WHERE recorded_at IS NULL AND last_seen < ?", (before,)
+                ).rowcount
+        except sqlite3.Error as exc:
+            log.error("cannot prune the client history", error=str(exc))
+            return
+        if gone:
+            log.info("client history pruned", clients=gone)
 
     def _commit(self, batch: _Batch) -> None:
         with self._transaction():

@@ -341,3 +341,25 @@ def test_synchronous_mode_reaches_sqlite(tmp_path: Path, mode: str, pragma: int)
     store = SqliteStore(str(tmp_path / "kmsd.db"), synchronous=mode)
     assert store.db.execute("PRAGMA synchronous").fetchone()[0] == pragma
     assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+async def test_history_of_clients_gone_for_long_is_pruned(tmp_path: Path) -> None:
+    path = tmp_path / "kmsd.db"
+    store = SqliteStore(str(path), known=KNOWN, fixed_capacity=1, history=10 * DAY)
+    old, evicted, current = request(), request(), request()
+    store.count(old, NOW, "a")  # in the table, then evicted by the next one
+    store.count(evicted, NOW + 1, "a")  # evicted in turn by current, but seen recently
+    store.count(current, NOW + 20 * DAY, "a")
+    store.start(asyncio.get_running_loop())
+    await asyncio.wait_for(store.barrier(), 10)
+    await store.close()  # the writer prunes once it has committed
+    history = {r[0] for r in rows(path, "SELECT client FROM clients")}
+    assert history == {str(current.client_machine_id)}
+    # Without a retention, nothing is pruned.
+    keep = SqliteStore(str(tmp_path / "keep.db"), known=KNOWN, fixed_capacity=1, history=None)
+    for i, r in enumerate((old, evicted, current)):
+        keep.count(r, NOW + i * 20 * DAY, "a")
+    keep.start(asyncio.get_running_loop())
+    await asyncio.wait_for(keep.barrier(), 10)
+    await keep.close()
+    assert len(rows(tmp_path / "keep.db", "SELECT client FROM clients")) == 3
