@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any, TextIO
 
+from kmsd import __version__
 from kmsd.protocol.kms import BaseRequest
 from kmsd.protocol.products import Sku, products
 
@@ -174,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="A KMS client: activates against, verifies and loads KMS hosts.",
         epilog=EPILOG,
     )
+    parser.add_argument("--version", action="version", version=f"kmsclient {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     act = sub.add_parser("activate", help="one verified activation exchange", epilog=EPILOG)
     act.add_argument(

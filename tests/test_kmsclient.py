@@ -610,3 +610,19 @@ def test_bind_ack_warnings_like_vlmcs() -> None:
     ack = put(script.steps[0][1][0], 86, "<H", 1)  # BTFN reason 1 instead of 3
     client.on_bind_ack(put(ack, 3, "<B", 0x03))  # and PFC_CONC_MPX not echoed
     assert len(client.warnings) == 2
+
+
+def test_version() -> None:
+    import subprocess
+    import sys
+
+    from kmsd import __version__
+
+    result = subprocess.run(
+        [sys.executable, "-m", "kmsclient", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0 and result.stdout.strip() == f"kmsclient {__version__}"
