@@ -31,7 +31,7 @@ import asyncio_dgram
 import dnslib
 from dnslib.label import DNSLabelError
 
-from kmsd.addresses import parse_ip_port
+from kmsd.addresses import join_host_port, parse_ip_port
 
 from .activation import Result
 from .outcome import Status
@@ -229,9 +229,7 @@ class Resolver:
         problems: list[str] = []
         for _ in range(self.tries):
             for server in self.nameservers:
-                where = (
-                    f"[{server[0]}]:{server[1]}" if ":" in server[0] else f"{server[0]}:{server[1]}"
-                )
+                where = join_host_port(*server)
                 try:
                     reply = await self._exchange(server, name, qtype)
                 except TimeoutError:

@@ -128,6 +128,17 @@ def print_table(rows: list[list[str]], header: list[str], out: TextIO) -> None:
         )
 
 
+def emit(
+    rows: Sequence[Any], header: list[str], cells: list[list[str]], as_json: bool, out: TextIO
+) -> None:
+    """Rows (dataclasses) as JSON, or their cells as an aligned table."""
+    if as_json:
+        json.dump([asdict(r) for r in rows], out, indent=1)
+        print(file=out)
+    else:
+        print_table(cells, header, out)
+
+
 def confirm(question: str, assume_yes: bool) -> bool:
     if assume_yes:
         return True
@@ -233,57 +244,45 @@ def _run(args: argparse.Namespace, lifetime: float, out: TextIO) -> int:
         try:
             if args.command == "clients":
                 app = resolve_app(args.app) if args.app else None
-                rows: list[Any] = read_clients(db, now, lifetime, app)
-                if args.json:
-                    json.dump([asdict(r) for r in rows], out, indent=1)
-                    print(file=out)
-                else:
-                    print_table(
-                        [
-                            [
-                                r.application,
-                                r.client,
-                                r.workstation,
-                                r.product,
-                                _when(r.recorded_at),
-                                _when(r.expires),
-                                "yes" if r.counted else "no",
-                            ]
-                            for r in rows
-                        ],
-                        [
-                            "APPLICATION",
-                            "CLIENT ID",
-                            "WORKSTATION",
-                            "PRODUCT",
-                            "LAST REQUEST",
-                            "EXPIRES",
-                            "COUNTED",
-                        ],
-                        out,
-                    )
+                clients = read_clients(db, now, lifetime, app)
+                header = [
+                    "APPLICATION",
+                    "CLIENT ID",
+                    "WORKSTATION",
+                    "PRODUCT",
+                    "LAST REQUEST",
+                    "EXPIRES",
+                    "COUNTED",
+                ]
+                cells = [
+                    [
+                        r.application,
+                        r.client,
+                        r.workstation,
+                        r.product,
+                        _when(r.recorded_at),
+                        _when(r.expires),
+                        "yes" if r.counted else "no",
+                    ]
+                    for r in clients
+                ]
+                emit(clients, header, cells, args.json, out)
             else:
-                rows = read_stats(db, now, lifetime)
-                if args.json:
-                    json.dump([asdict(r) for r in rows], out, indent=1)
-                    print(file=out)
-                else:
-                    print_table(
-                        [
-                            [
-                                r.application,
-                                str(r.count),
-                                str(r.capacity),
-                                ", ".join(
-                                    f"{n}: {'reached' if ok else 'not reached'}"
-                                    for n, ok in r.thresholds.items()
-                                ),
-                            ]
-                            for r in rows
-                        ],
-                        ["APPLICATION", "COUNT", "CAPACITY", "THRESHOLDS"],
-                        out,
-                    )
+                stats = read_stats(db, now, lifetime)
+                header = ["APPLICATION", "COUNT", "CAPACITY", "THRESHOLDS"]
+                cells = [
+                    [
+                        r.application,
+                        str(r.count),
+                        str(r.capacity),
+                        ", ".join(
+                            f"{n}: {'reached' if ok else 'not reached'}"
+                            for n, ok in r.thresholds.items()
+                        ),
+                    ]
+                    for r in stats
+                ]
+                emit(stats, header, cells, args.json, out)
         finally:
             db.close()
         return 0

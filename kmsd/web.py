@@ -30,6 +30,7 @@ from urllib.parse import parse_qs, quote, urlsplit
 import structlog
 
 from . import __version__
+from .addresses import join_host_port
 from .admin import app_name, read_clients, read_stats, resolve_app
 from .cache import MemoryCounter
 from .metrics import UNKNOWN, publisher_state
@@ -157,7 +158,7 @@ class AdminServer:
         try:
             self._server = await asyncio.start_server(self._serve, host, port, limit=MAX_HEAD)
         except OSError as exc:
-            where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            where = join_host_port(host, port)
             raise OSError(
                 exc.errno, f"admin endpoint: cannot listen on {where}: {exc.strerror}"
             ) from None
@@ -165,7 +166,7 @@ class AdminServer:
         self.address = (sock[0], sock[1])
         loop = asyncio.get_running_loop()
         self._beat = loop.call_later(HEARTBEAT, self._heartbeat, loop.time() + HEARTBEAT)
-        where = f"[{sock[0]}]:{sock[1]}" if ":" in sock[0] else f"{sock[0]}:{sock[1]}"
+        where = join_host_port(sock[0], sock[1])
         log.info("admin endpoint", address=where, url=f"http://{where}/")
 
     async def stop(self) -> None:

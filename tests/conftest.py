@@ -79,6 +79,21 @@ class KmsdProcess:
             self.process.stderr.close()
 
 
+def run_kmsd(
+    *args: str, stdin: str | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """The kmsd command run to completion (admin commands, argument errors, check-config)."""
+    return subprocess.run(
+        [sys.executable, "-m", "kmsd", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        input=stdin,
+        env=env,
+    )
+
+
 def start_kmsd(*args: str, listen: str = f"{LOOPBACK}:0", db: str = ":memory:") -> KmsdProcess:
     proc = subprocess.Popen(
         [

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 import tomllib
 from pathlib import Path
 
@@ -12,6 +10,7 @@ import pytest
 
 from kmsd import config
 from kmsd.cli import build_parser
+from tests.conftest import run_kmsd
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "deploy" / "kmsd.toml"
 
@@ -85,30 +84,22 @@ def test_missing_config_file_is_an_error(tmp_path: Path) -> None:
         resolve(["--config", str(tmp_path / "none.toml")], {})
 
 
-def kmsd(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "kmsd", *args],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-        env=env,
-    )
+# Options given on the command line by the check-config test, and read back from its output.
+CHECKED = (
+    "--strict",
+    "--epid",
+    "Windows 10/11 Enterprise=03612-00206-556-123727-03-1033-17763.0000-2972018",
+    "--hwid",
+    "3a1c049600b60076",
+    "--allow",
+    "10.0.0.0/8",
+    "--db",
+    ":memory:",
+)
 
 
 def test_check_config_prints_a_file_that_reads_back_the_same(tmp_path: Path) -> None:
-    result = kmsd(
-        "check-config",
-        "--strict",
-        "--epid",
-        "Windows 10/11 Enterprise=03612-00206-556-123727-03-1033-17763.0000-2972018",
-        "--hwid",
-        "3a1c049600b60076",
-        "--allow",
-        "10.0.0.0/8",
-        "--db",
-        ":memory:",
-    )
+    result = run_kmsd("check-config", *CHECKED)
     assert result.returncode == 0, result.stderr
     assert "strict = true  # command line" in result.stdout
     assert "idle_timeout = 30.0  # default" in result.stdout
@@ -117,17 +108,7 @@ def test_check_config_prints_a_file_that_reads_back_the_same(tmp_path: Path) -> 
     tomllib.loads(result.stdout)
     again = resolve(["--config", str(printed)], {})
     original = resolve(
-        [
-            "--strict",
-            "--epid",
-            "Windows 10/11 Enterprise=03612-00206-556-123727-03-1033-17763.0000-2972018",
-            "--hwid",
-            "3a1c049600b60076",
-            "--allow",
-            "10.0.0.0/8",
-            "--db",
-            ":memory:",
-        ],
+        list(CHECKED),
         {},
     )
     assert again.values == original.values
@@ -136,7 +117,7 @@ def test_check_config_prints_a_file_that_reads_back_the_same(tmp_path: Path) -> 
 def test_bad_configuration_exits_2_without_traceback(tmp_path: Path) -> None:
     file = tmp_path / "bad.toml"
     file.write_text("[network]\nidle_timeout = -1\n")
-    result = kmsd("--config", str(file))
+    result = run_kmsd("--config", str(file))
     assert result.returncode == 2
     assert re.search(r"network\.idle_timeout: '-1' must be at least", result.stderr)
     assert "Traceback" not in result.stderr

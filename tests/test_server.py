@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import subprocess
-import sys
 
 import pytest
 
 from kmsclient.session import BindOptions, KmsConnection, base_request
 from kmsd.protocol.products import products
 from kmsd.server import KmsServer, ServerSettings
-from tests.conftest import LOOPBACK, KmsdProcess, make_host, start_kmsd, stop_kmsd
+from tests.conftest import LOOPBACK, KmsdProcess, make_host, run_kmsd, start_kmsd, stop_kmsd
 
 DB = products()
 WIN = DB.sku_by_name("Windows 10/11 Enterprise")
@@ -146,16 +144,6 @@ async def test_daemon_logs_each_activation_and_stops_cleanly_on_sigterm(
     assert str(entry["client"]).startswith("127.0.0.1:")
     assert stop_kmsd(kmsd_process) == 0
     assert [e["event"] for e in kmsd_process.log][-2:] == ["stopping", "stopped"]
-
-
-def run_kmsd(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "kmsd", *args],
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        check=False,
-    )
 
 
 def test_help_explains_the_options() -> None:

@@ -7,8 +7,6 @@ import json
 import os
 import signal
 import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +17,7 @@ from kmsd.host import HostPolicy
 from kmsd.protocol.kms import BaseRequest, encode_request
 from kmsd.protocol.products import products
 from kmsd.store import SCHEMA_VERSION, SqliteStore, StoreError
-from tests.conftest import make_host, start_kmsd, stop_kmsd
+from tests.conftest import make_host, run_kmsd, start_kmsd, stop_kmsd
 
 DB = products()
 WIN = DB.sku_by_name("Windows 10/11 Enterprise")
@@ -145,17 +143,6 @@ def test_lab_overrides_fixed_count_and_precharge() -> None:
         assert activation.count == expected
 
 
-def kmsd_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "kmsd", *args],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-        input=stdin,
-    )
-
-
 async def activate(host: str, port: int, sku_name: str, **kw: object) -> int:
     sku = DB.sku_by_name(sku_name)
     assert sku is not None
@@ -229,27 +216,27 @@ async def test_admin_commands_on_a_running_daemon(tmp_path: Path) -> None:
                 kmsd.host, kmsd.port, "Windows 10/11 Enterprise", workstation="lab-01.test"
             )
         await activate(kmsd.host, kmsd.port, "Office LTSC Professional Plus 2021")
-        listing = await asyncio.to_thread(kmsd_cli, "clients", "--db", path, "--json")
+        listing = await asyncio.to_thread(run_kmsd, "clients", "--db", path, "--json")
         assert listing.returncode == 0, listing.stderr
         entries = json.loads(listing.stdout)
         assert len(entries) == 4 and all(e["counted"] for e in entries)
         assert {e["application"] for e in entries} == {"Windows", "Office 2013 and later"}
-        table = await asyncio.to_thread(kmsd_cli, "clients", "--db", path, "--app", "Windows")
+        table = await asyncio.to_thread(run_kmsd, "clients", "--db", path, "--app", "Windows")
         assert table.stdout.splitlines()[0].split()[:3] == ["APPLICATION", "CLIENT", "ID"]
         assert table.stdout.count("lab-01.test") == 3
-        stats = await asyncio.to_thread(kmsd_cli, "stats", "--db", path, "--json")
+        stats = await asyncio.to_thread(run_kmsd, "stats", "--db", path, "--json")
         by_app = {s["application"]: s for s in json.loads(stats.stdout)}
         assert by_app["Windows"]["count"] == 3 and by_app["Windows"]["capacity"] == 50
         assert by_app["Windows"]["thresholds"] == {"25": False}
         victim = next(e["client"] for e in entries if e["application"] == "Windows")
-        refused = await asyncio.to_thread(kmsd_cli, "forget", victim, "--db", path)
+        refused = await asyncio.to_thread(run_kmsd, "forget", victim, "--db", path)
         assert refused.returncode == 1 and "--yes" in refused.stderr
-        forget = await asyncio.to_thread(kmsd_cli, "forget", victim, "--db", path, "--yes")
+        forget = await asyncio.to_thread(run_kmsd, "forget", victim, "--db", path, "--yes")
         assert forget.returncode == 0 and "1 record(s) removed" in forget.stdout
         # The running daemon applied it: the next new client counts 3, not 4.
         assert await activate(kmsd.host, kmsd.port, "Windows 10/11 Enterprise") == 3
         reset = await asyncio.to_thread(
-            kmsd_cli, "reset", "--app", "Windows", "--db", path, "--yes"
+            run_kmsd, "reset", "--app", "Windows", "--db", path, "--yes"
         )
         assert reset.returncode == 0 and "3 record(s) removed" in reset.stdout
         assert await activate(kmsd.host, kmsd.port, "Windows Server 2022 Standard") == 1
@@ -261,7 +248,7 @@ async def test_admin_commands_on_a_running_daemon(tmp_path: Path) -> None:
 
 def test_admin_commands_without_a_daemon(tmp_path: Path) -> None:
     path = tmp_path / "kmsd.db"
-    missing = kmsd_cli("stats", "--db", str(path))
+    missing = run_kmsd("stats", "--db", str(path))
     assert missing.returncode == 1 and "no such database" in missing.stderr
     store = SqliteStore(str(path), known=KNOWN)
     client = request()
@@ -278,12 +265,12 @@ def test_admin_commands_without_a_daemon(tmp_path: Path) -> None:
         )
     store.db.close()
     store._release_lock()
-    answer = kmsd_cli("forget", str(client.client_machine_id), "--db", str(path), stdin="y\n")
+    answer = run_kmsd("forget", str(client.client_machine_id), "--db", str(path), stdin="y\n")
     assert answer.returncode == 1  # no terminal to ask and no --yes
-    done = kmsd_cli("forget", str(client.client_machine_id), "--db", str(path), "--yes")
+    done = run_kmsd("forget", str(client.client_machine_id), "--db", str(path), "--yes")
     assert done.returncode == 0 and "1 record(s) removed" in done.stdout
     assert rows(path, "SELECT * FROM records") == []
-    bad = kmsd_cli("reset", "--app", "Linux", "--db", str(path), "--yes")
+    bad = run_kmsd("reset", "--app", "Linux", "--db", str(path), "--yes")
     assert bad.returncode == 1 and "unknown application 'Linux'" in bad.stderr
 
 
