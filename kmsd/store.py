@@ -1,9 +1,14 @@
 """The durable store: client-ID tables, client history and host identity in SQLite (WAL).
 
-The event loop counts in memory (kmsd.cache) and queues every change here. One writer
-thread commits all changes queued so far in one transaction (group commit) and then
-resolves the futures of the replies waiting for them: a reply leaves only once its record
-is on disk, and the loop never waits for the disk itself.
+The event loop counts in memory (kmsd.cache) and queues every change here. At the end of
+each turn of the loop, everything counted in it is written in one transaction (group
+commit) on the loop's own thread, and then the replies waiting for it leave: a reply
+leaves only once its record is committed to the write-ahead log, which survives any crash
+of the process. Writing to the log is a write() into the page cache, not a wait for the
+disk; what waits for the disk runs in threads: checkpoints (the log copied into the
+database, with their own connection) and, with synchronous "full", an fdatasync of the
+log before the replies of the commits it covers leave (pipelined: commits go on while a
+flush runs).
 
 Admin commands of other processes (`kmsd forget`, `kmsd reset`) reach a running daemon
 through the `commands` table, so that its working copy and the file never disagree.
@@ -16,10 +21,9 @@ import contextlib
 import fcntl
 import os
 import sqlite3
-import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, TypeVar
 from uuid import UUID
@@ -73,7 +77,8 @@ MIGRATIONS: dict[int, str] = {
     """,
 }
 OUR_TABLES = {"meta", "epids", "apps", "clients", "commands", "sqlite_sequence"}
-POLL_SECONDS = 0.25  # how often the writer looks for admin commands when idle
+POLL_SECONDS = 0.25  # how often the loop looks for admin commands and checkpoints
+BUSY_MS = 100  # how long a commit waits for another process's write (admin commands)
 MAX_BACKOFF = 5.0
 PRUNE_EVERY = 3600.0  # seconds between prunings of the client history
 DEFAULT_HISTORY = 180 * 86400.0  # a client not seen for this long drops out of the history
@@ -164,15 +169,6 @@ class _Change:
 Statement = tuple[str, tuple[object, ...]]
 
 
-@dataclass
-class _Batch:
-    items: list[_Change | Statement] = field(default_factory=list)  # in the loop's order
-    waiters: list[asyncio.Future[None]] = field(default_factory=list)
-
-    def __bool__(self) -> bool:
-        return bool(self.items or self.waiters)
-
-
 _UPSERT_CLIENT = """
 INSERT INTO clients (application, client, workstation, sku, kms_id, protocol, required,
                      is_vm, license_status, address, first_seen, last_seen, recorded_at, seq,
@@ -213,7 +209,7 @@ def _write_changes(db: sqlite3.Connection, changes: list[_Change]) -> None:
 
 class SqliteStore:
     """A CountStore whose working copy is in memory and whose changes are committed in
-    groups by a writer thread."""
+    groups on the event loop's thread."""
 
     def __init__(
         self,
@@ -228,6 +224,7 @@ class SqliteStore:
         """`synchronous`: "normal" commits to the write-ahead log (safe from any crash of
         the process), "full" also flushes it to disk (safe from power loss)."""
         self.path = path
+        self.synchronous = synchronous
         self.history = history  # seconds; None keeps every client's last request for ever
         self._latest = 0.0  # the latest time counted (the host's clock, maybe virtual)
         self._next_prune = 0.0
@@ -237,21 +234,33 @@ class SqliteStore:
         if path != MEMORY and self._lock is None:
             raise StoreError(f"{path}: another kmsd is serving from this database")
         try:
-            self.db = connect(path, create=True, synchronous=synchronous)
+            # The flush to disk of "full" is our own fdatasync of the log, off the loop.
+            self.db = connect(path, create=True, synchronous="normal")
         except StoreError:
             self._release_lock()
             raise
+        self.db.execute(f"PRAGMA busy_timeout={BUSY_MS}")
+        self.db.execute("PRAGMA wal_autocheckpoint=0")  # checkpoints run in a thread
         self.counter = MemoryCounter(known, lifetime, fixed_capacity=fixed_capacity)
         self._capacity: dict[UUID, int] = {}
+        self._text: dict[UUID, str] = {}  # str() of the few application/SKU/KMS IDs
         self._load()
-        self._cond = threading.Condition()
-        self._batch = _Batch()
-        self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._stopping = False
+        self._items: list[_Change | Statement] = []  # not yet committed, in the loop's order
+        self._waiting: asyncio.Future[None] | None = None  # the replies of those items
+        self._scheduled: asyncio.Handle | None = None  # the next commit
+        self._backoff = 0.0
         self.failures = 0  # commits that failed (and were retried)
         self.commit_ok = True  # the last commit succeeded (or none was needed yet)
-        self._reads: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
+        self._unsynced: list[asyncio.Future[None]] = []  # "full": committed, not yet flushed
+        self._syncing = False
+        self._wal_fd: int | None = None
+        self._commits = 0  # since the last checkpoint
+        self._checkpointer: sqlite3.Connection | None = None
+        self._checkpointing = False
+        self._background: set[asyncio.Future[Any]] = set()  # checkpoint, flush: in threads
+        self._poller: asyncio.TimerHandle | None = None
+        self._data_version = 0
 
     def _load(self) -> None:
         counter = self.counter
@@ -281,7 +290,7 @@ class SqliteStore:
         return (bytes.fromhex(row[0]) if row else None), epids
 
     def save_identity(self, hwid: bytes, epids: dict[str, str]) -> None:
-        """Called once at start, before the writer thread runs."""
+        """Called once at start, before any request is counted."""
         with self._transaction():
             self.db.execute(
                 "INSERT OR REPLACE INTO meta (key, value) VALUES ('hwid', ?)", (hwid.hex(),)
@@ -300,7 +309,13 @@ class SqliteStore:
             raise
         self.db.execute("COMMIT")
 
-    # The loop's side ----------------------------------------------------------------
+    # Counting -----------------------------------------------------------------------
+
+    def _str(self, value: UUID) -> str:
+        text = self._text.get(value)
+        if text is None:
+            text = self._text[value] = str(value)
+        return text
 
     def count(self, request: BaseRequest, now: float, address: str) -> int:
         app = request.application_id
@@ -308,16 +323,17 @@ class SqliteStore:
         evicted_tables: list[UUID] = []
         table = self.counter.table(app, evicted_tables)
         count = table.record(request.client_machine_id, request.required_count, now, dropped)
-        self._latest = max(self._latest, now)
+        if now > self._latest:
+            self._latest = now
         capacity = None
         if self._capacity.get(app) != table.capacity:
             capacity = self._capacity[app] = table.capacity
-        key = (str(app), str(request.client_machine_id))
+        key = (self._str(app), str(request.client_machine_id))
         row = (
             *key,
             request.workstation,
-            str(request.sku_id),
-            str(request.kms_id),
+            self._str(request.sku_id),
+            self._str(request.kms_id),
             f"{request.major}.{request.minor}",
             request.required_count,
             request.is_vm,
@@ -329,57 +345,231 @@ class SqliteStore:
             self._seq,
         )
         self._seq += 1
-        with self._cond:
-            items = self._batch.items
-            for stale in evicted_tables:
-                self._capacity.pop(stale, None)
-                items += reset_sql(str(stale))
-            items.append(_Change(key, row, dropped, capacity))
+        items = self._items
+        for stale in evicted_tables:
+            self._capacity.pop(stale, None)
+            items += reset_sql(str(stale))
+        items.append(_Change(key, row, dropped, capacity))
+        if self._scheduled is None:
+            self._schedule()
         return count
 
     def barrier(self) -> asyncio.Future[None]:
-        """A future that completes once everything counted so far is committed."""
+        """A future that completes once everything counted so far is committed (and,
+        with synchronous "full", flushed to disk); one future serves a whole group."""
         loop = self._loop
         assert loop is not None, "start() the store first"
-        future = loop.create_future()
-        with self._cond:
-            self._batch.waiters.append(future)
-            self._cond.notify()
-        return future
+        if self._waiting is None:
+            self._waiting = loop.create_future()
+        if self._scheduled is None:
+            self._schedule()
+        return self._waiting
 
     def read(self, query: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
-        """Run `query` on the committed database in the writer thread, between commits
-        (for a :memory: database, which no other connection can open)."""
+        """Run `query` on the committed database (for a :memory: database, which no other
+        connection can open): what is counted but not yet committed is not in it."""
         loop = self._loop
         assert loop is not None, "start() the store first"
         future: asyncio.Future[T] = loop.create_future()
-        with self._cond:
-            self._reads.append((query, future))
-            self._cond.notify()
+        try:
+            future.set_result(query(self.db))
+        except sqlite3.Error as exc:
+            future.set_exception(exc)
         return future
-
-    @property
-    def writer_alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._thread = threading.Thread(target=self._run, name="kmsd-store", daemon=True)
-        self._thread.start()
+        self._data_version = self.db.execute("PRAGMA data_version").fetchone()[0]
+        self._poller = loop.call_later(POLL_SECONDS, self._poll)
+        if self.path != MEMORY:
+            self._checkpointer = sqlite3.connect(self.path, check_same_thread=False)
+        if self._items:
+            self._schedule()
 
     async def close(self) -> None:
-        """Commit what is queued, stop the writer and close the database."""
-        if self._thread is not None:
-            with self._cond:
-                self._stopping = True
-                self._cond.notify()
-            await asyncio.to_thread(self._thread.join)
-            self._thread = None
+        """Commit what is queued, wait for the threads' work and close the database."""
+        if self._poller is not None:
+            self._poller.cancel()
+            self._poller = None
+        if self._loop is not None:
+            if self._scheduled is not None:
+                self._scheduled.cancel()
+            if self._items or self._waiting is not None:
+                self._commit_group()
+            if self._scheduled is not None:  # the last commit failed: it stays undone
+                self._scheduled.cancel()
+                self._scheduled = None
+            while self._background:
+                await asyncio.gather(*self._background, return_exceptions=True)
+        if self._checkpointer is not None:
+            self._checkpointer.close()
+            self._checkpointer = None
+        if self._wal_fd is not None:
+            os.close(self._wal_fd)
+            self._wal_fd = None
         self.db.close()
         self._release_lock()
 
+    def _schedule(self, delay: float = 0.0) -> None:
+        """Commit at the end of this turn of the loop: everything counted in it is one
+        transaction (group commit), and no reply waits for another thread."""
+        if self._loop is None:
+            return  # start() schedules what was counted before it
+        if delay:
+            self._scheduled = self._loop.call_later(delay, self._commit_group)
+        else:
+            self._scheduled = self._loop.call_soon(self._commit_group)
+
+    def _commit_group(self) -> None:
+        self._scheduled = None
+        items, self._items = self._items, []
+        waiting, self._waiting = self._waiting, None
+        if items:
+            try:
+                self._commit(items)
+            except sqlite3.Error as exc:
+                self.failures += 1
+                self.commit_ok = False
+                self._backoff = min(MAX_BACKOFF, self._backoff * 2 or 0.05)
+                log.error(
+                    "commit failed; replies held back, will retry",
+                    error=str(exc),
+                    changes=len(items),
+                    retry_in_s=self._backoff,
+                )
+                self._items = items + self._items
+                if waiting is not None:
+                    waiting.set_exception(StoreError(f"commit failed: {exc}"))
+                self._schedule(self._backoff)
+                return
+            self._backoff = 0.0
+            self.commit_ok = True
+            self._commits += 1
+            if self.history is not None and time.monotonic() >= self._next_prune:
+                self._next_prune = time.monotonic() + PRUNE_EVERY
+                self._prune(self._latest - self.history)
+        if waiting is not None:
+            if self.synchronous == "full" and self.path != MEMORY:
+                self._unsynced.append(waiting)
+                self._flush_log()
+            else:
+                waiting.set_result(None)
+
+    def _commit(self, items: list[_Change | Statement]) -> None:
+        with self._transaction():
+            run: list[_Change] = []
+            for item in items:
+                if isinstance(item, _Change):
+                    run.append(item)
+                    continue
+                if run:
+                    _write_changes(self.db, run)
+                    run = []
+                self.db.execute(*item)
+            if run:
+                _write_changes(self.db, run)
+
+    # In threads: flushing the log ("full") and checkpoints ---------------------------
+
+    def _flush_log(self) -> None:
+        """fdatasync the write-ahead log in a thread, then release the replies committed
+        before it began; commits go on meanwhile and the next flush takes them."""
+        if self._syncing or not self._unsynced:
+            return
+        if self._wal_fd is None:
+            self._wal_fd = os.open(f"{self.path}-wal", os.O_RDONLY | os.O_CLOEXEC)
+        waiters, self._unsynced = self._unsynced, []
+        self._syncing = True
+
+        def flushed(error: BaseException | None) -> None:
+            self._syncing = False
+            if error is not None:
+                self.failures += 1
+                self.commit_ok = False
+                log.error("cannot flush the database log; replies dropped", error=str(error))
+            for waiter in waiters:
+                if error is None:
+                    waiter.set_result(None)
+                else:
+                    waiter.set_exception(StoreError(f"flush failed: {error}"))
+            self._flush_log()
+
+        self._in_thread(os.fdatasync, self._wal_fd, then=flushed)
+
+    def _checkpoint(self) -> None:
+        """Copy the log into the database file, in a thread with its own connection."""
+        if self._checkpointer is None or self._checkpointing or not self._commits:
+            return
+        self._commits = 0
+        self._checkpointing = True
+
+        def checkpointed(error: BaseException | None) -> None:
+            self._checkpointing = False
+            if error is not None:
+                log.warning("checkpoint failed", error=str(error))
+
+        self._in_thread(
+            self._checkpointer.execute, "PRAGMA wal_checkpoint(PASSIVE)", then=checkpointed
+        )
+
+    def _in_thread(
+        self,
+        work: Callable[..., object],
+        *args: Any,
+        then: Callable[[BaseException | None], None],
+    ) -> None:
+        assert self._loop is not None
+        future = self._loop.run_in_executor(None, work, *args)
+        self._background.add(future)
+
+        def done(finished: asyncio.Future[object]) -> None:
+            self._background.discard(finished)
+            then(None if finished.cancelled() else finished.exception())
+
+        future.add_done_callback(done)
+
+    # Housekeeping on the loop: admin commands, checkpoints, pruning ------------------
+
+    def _poll(self) -> None:
+        assert self._loop is not None
+        self._poller = self._loop.call_later(POLL_SECONDS, self._poll)
+        self._poll_commands()
+        self._checkpoint()
+
+    def _prune(self, before: float) -> None:
+        """Forget the last request of clients not seen since `before` and not in the table."""
+        try:
+            with self._transaction():
+                gone = self.db.execute(
+                    "DELETE FROM clients WHERE recorded_at IS NULL AND last_seen < ?", (before,)
+                ).rowcount
+        except sqlite3.Error as exc:
+            log.error("cannot prune the client history", error=str(exc))
+            return
+        if gone:
+            log.info("client history pruned", clients=gone)
+
+    def _poll_commands(self) -> None:
+        """Apply admin commands written by other processes (PRAGMA data_version changes
+        only when another connection has committed)."""
+        if self.path == MEMORY:
+            return
+        try:
+            current = self.db.execute("PRAGMA data_version").fetchone()[0]
+            if current == self._data_version:
+                return
+            rows = self.db.execute(
+                "SELECT id, verb, argument FROM commands WHERE done = 0 ORDER BY id"
+            ).fetchall()
+        except sqlite3.Error as exc:
+            log.error("cannot read admin commands", error=str(exc))
+            return
+        self._data_version = current
+        for row in rows:
+            self._apply_command(*row)
+
     def _apply_command(self, command_id: int, verb: str, argument: str) -> None:
-        """Runs in the loop: apply an admin command to the working copy, queue its SQL."""
+        """Apply an admin command to the working copy and queue its SQL."""
         sql: list[Statement] = []
         affected = 0
         if verb == "forget":
@@ -401,139 +591,9 @@ class SqliteStore:
             ("UPDATE commands SET done = 1, result = ? WHERE id = ?", (affected, command_id))
         )
         log.info("admin command applied", command=verb, argument=argument, records=affected)
-        with self._cond:
-            self._batch.items += sql
-            self._cond.notify()
-
-    # The writer thread --------------------------------------------------------------
-
-    def _run(self) -> None:
-        data_version = self.db.execute("PRAGMA data_version").fetchone()[0]
-        backoff = 0.0
-        retry = _Batch()
-        while True:
-            with self._cond:
-                if not self._batch and not self._stopping:
-                    self._cond.wait(POLL_SECONDS)
-                batch, self._batch = self._batch, _Batch()
-                reads, self._reads = self._reads, []
-                stopping = self._stopping
-            batch = _merge(retry, batch)
-            retry = _Batch()
-            for query, future in reads:
-                self._answer_read(query, future)
-            if batch.items:
-                try:
-                    self._commit(batch)
-                except sqlite3.Error as exc:
-                    self.failures += 1
-                    self.commit_ok = False
-                    backoff = min(MAX_BACKOFF, backoff * 2 or 0.05)
-                    log.error(
-                        "commit failed; replies held back, will retry",
-                        error=str(exc),
-                        changes=len(batch.items),
-                        retry_in_s=backoff,
-                    )
-                    self._settle(batch.waiters, StoreError(f"commit failed: {exc}"))
-                    retry = _Batch(batch.items)
-                    if stopping:
-                        return
-                    with self._cond:
-                        self._cond.wait(backoff)
-                    continue
-                backoff = 0.0
-                self.commit_ok = True
-            self._settle(batch.waiters, None)
-            if stopping:
-                return
-            data_version = self._poll_commands(data_version)
-            if self.history is not None and time.monotonic() >= self._next_prune and self._latest:
-                self._next_prune = time.monotonic() + PRUNE_EVERY
-                self._prune(self._latest - self.history)
-
-    def _prune(self, before: float) -> None:
-        """Forget the last request of clients not seen since `before` and not in the table."""
-        try:
-            with self._transaction():
-                gone = self.db.execute(
-                    "DELETE FROM clients WHERE recorded_at IS NULL AND last_seen < ?", (before,)
-                ).rowcount
-        except sqlite3.Error as exc:
-            log.error("cannot prune the client history", error=str(exc))
-            return
-        if gone:
-            log.info("client history pruned", clients=gone)
-
-    def _commit(self, batch: _Batch) -> None:
-        with self._transaction():
-            run: list[_Change] = []
-            for item in batch.items:
-                if isinstance(item, _Change):
-                    run.append(item)
-                    continue
-                if run:
-                    _write_changes(self.db, run)
-                    run = []
-                self.db.execute(*item)
-            if run:
-                _write_changes(self.db, run)
-
-    def _answer_read(
-        self, query: Callable[[sqlite3.Connection], Any], future: asyncio.Future[Any]
-    ) -> None:
-        try:
-            result, error = query(self.db), None
-        except sqlite3.Error as exc:
-            result, error = None, exc
-        if self._loop is not None:
-            with contextlib.suppress(RuntimeError):  # the loop is already closed
-                self._loop.call_soon_threadsafe(_answer, future, result, error)
-
-    def _settle(self, waiters: list[asyncio.Future[None]], error: Exception | None) -> None:
-        if waiters and self._loop is not None:
-            with contextlib.suppress(RuntimeError):  # the loop is already closed
-                self._loop.call_soon_threadsafe(_resolve, waiters, error)
-
-    def _poll_commands(self, data_version: int) -> int:
-        """Hand admin commands written by other processes to the loop."""
-        try:
-            current = self.db.execute("PRAGMA data_version").fetchone()[0]
-            if current == data_version:
-                return int(current)
-            rows = self.db.execute(
-                "SELECT id, verb, argument FROM commands WHERE done = 0 ORDER BY id"
-            ).fetchall()
-        except sqlite3.Error as exc:
-            log.error("cannot read admin commands", error=str(exc))
-            return data_version
-        if rows and self._loop is not None:
-            for row in rows:
-                self._loop.call_soon_threadsafe(self._apply_command, *row)
-        return int(current)
-
-
-def _merge(first: _Batch, second: _Batch) -> _Batch:
-    if not first:
-        return second
-    return _Batch(first.items + second.items, first.waiters + second.waiters)
-
-
-def _answer(future: asyncio.Future[Any], result: object, error: Exception | None) -> None:
-    if not future.done():
-        if error is None:
-            future.set_result(result)
-        else:
-            future.set_exception(error)
-
-
-def _resolve(waiters: list[asyncio.Future[None]], error: Exception | None) -> None:
-    for future in waiters:
-        if not future.done():
-            if error is None:
-                future.set_result(None)
-            else:
-                future.set_exception(error)
+        self._items += sql
+        if self._scheduled is None:
+            self._schedule()
 
 
 def reset_sql(application: str) -> list[Statement]:

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
@@ -323,11 +324,55 @@ async def test_one_batch_keeps_the_order_of_evictions_and_admin_commands(tmp_pat
     assert list(again.counter.tables[d.application_id].records) == [d.client_machine_id]
 
 
-@pytest.mark.parametrize(("mode", "pragma"), [("normal", 1), ("full", 2)])
-def test_synchronous_mode_reaches_sqlite(tmp_path: Path, mode: str, pragma: int) -> None:
-    store = SqliteStore(str(tmp_path / "kmsd.db"), synchronous=mode)
-    assert store.db.execute("PRAGMA synchronous").fetchone()[0] == pragma
+def test_the_log_is_the_journal_and_checkpoints_leave_the_loop(tmp_path: Path) -> None:
+    store = SqliteStore(str(tmp_path / "kmsd.db"), synchronous="full")
     assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    # Commits on the loop only write the log; "full" flushes it with its own fdatasync.
+    assert store.db.execute("PRAGMA synchronous").fetchone()[0] == 1
+    assert store.db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+
+
+@pytest.mark.parametrize("mode", ["normal", "full"])
+async def test_replies_wait_for_the_log_flush_only_in_full_mode(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    flushing = threading.Event()
+    release = threading.Event()
+    flushed: list[int] = []
+    real = os.fdatasync
+
+    def fdatasync(fd: int) -> None:
+        flushing.set()
+        assert release.wait(10)
+        real(fd)
+        flushed.append(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    path = tmp_path / "kmsd.db"
+    store = SqliteStore(str(path), known=KNOWN, synchronous=mode)
+    store.start(asyncio.get_running_loop())
+    first = request()
+    store.count(first, NOW, "a")
+    barrier = store.barrier()
+    if mode == "normal":
+        await asyncio.wait_for(barrier, 10)  # committed to the log: that is all it waits for
+        assert not flushing.is_set()
+    else:
+        await asyncio.wait_for(asyncio.to_thread(flushing.wait, 10), 11)
+        # Committed (another connection sees it), but the reply still waits for the flush.
+        assert {r[0] for r in rows(path, "SELECT client FROM records")} == {
+            str(first.client_machine_id)
+        }
+        assert not barrier.done()
+        second = request()
+        store.count(second, NOW + 1, "a")  # commits while the flush runs
+        later = store.barrier()
+        release.set()
+        await asyncio.wait_for(barrier, 10)
+        await asyncio.wait_for(later, 10)  # the next flush takes the commit made meanwhile
+        assert len(flushed) == 2
+    release.set()
+    await store.close()
 
 
 async def test_history_of_clients_gone_for_long_is_pruned(tmp_path: Path) -> None:
@@ -339,7 +384,7 @@ async def test_history_of_clients_gone_for_long_is_pruned(tmp_path: Path) -> Non
     store.count(current, NOW + 20 * DAY, "a")
     store.start(asyncio.get_running_loop())
     await asyncio.wait_for(store.barrier(), 10)
-    await store.close()  # the writer prunes once it has committed
+    await store.close()  # the first commit prunes
     history = {r[0] for r in rows(path, "SELECT client FROM clients")}
     assert history == {str(current.client_machine_id)}
     # Without a retention, nothing is pruned.
