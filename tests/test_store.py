@@ -9,6 +9,7 @@ import signal
 import sqlite3
 import threading
 from pathlib import Path
+from uuid import UUID
 
 import pytest
 
@@ -17,7 +18,7 @@ from kmsd import admin
 from kmsd.host import HostPolicy
 from kmsd.protocol.kms import BaseRequest, encode_request
 from kmsd.protocol.products import products
-from kmsd.store import SCHEMA_VERSION, SqliteStore, StoreError
+from kmsd.store import MIGRATIONS, SCHEMA_VERSION, SqliteStore, StoreError
 from tests.conftest import make_host, run_kmsd, start_kmsd, stop_kmsd
 
 DB = products()
@@ -85,6 +86,30 @@ async def test_restart_keeps_counts_capacity_order_and_identity(tmp_path: Path) 
     await again.barrier()
     await again.close()
     assert len(rows(Path(path), "SELECT client FROM records")) == 3
+
+
+async def test_a_schema_1_database_is_migrated_with_its_records(tmp_path: Path) -> None:
+    path = tmp_path / "kmsd.db"
+    assert WIN is not None
+    app, client = str(WIN.kms.application.id), "5e1f5c6e-4b1c-4f1e-9d55-0123456789ab"
+    with sqlite3.connect(path) as db:  # what a kmsd with schema 1 left behind
+        db.executescript(f"{MIGRATIONS[1]}; PRAGMA user_version=1;")
+        db.execute(
+            "INSERT INTO clients VALUES (?, ?, 'ws', 's', 'k', '6.0', 25, 0, 2, 'a', ?, ?, 3, ?,"
+            " ?)",
+            (app, client, NOW, NOW, NOW, 7),
+        )
+        db.execute("INSERT INTO apps VALUES (?, 50)", (app,))
+    store = SqliteStore(str(path), known=KNOWN)
+    assert store.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    assert rows(path, "SELECT name FROM sqlite_master WHERE type = 'index' AND sql NOT NULL") == []
+    table = store.counter.tables[WIN.kms.application.id]
+    assert (list(table.records), table.capacity) == ([UUID(client)], 50)
+    store.start(asyncio.get_running_loop())
+    assert store.count(request(), NOW + 1, "b") == 2
+    await store.barrier()
+    await store.close()
+    assert rows(path, "SELECT count(*) FROM records") == [(2,)]
 
 
 def test_second_daemon_on_the_same_file_is_refused(tmp_path: Path) -> None:
