@@ -17,7 +17,14 @@ from .addresses import join_host_port
 from .host import KmsHost
 from .limits import Admission, Network
 from .metrics import Metrics
-from .protocol.connection import AssociationGroups, Call, Close, Send, ServerConnection
+from .protocol.connection import (
+    AssociationGroups,
+    BindAnswers,
+    Call,
+    Close,
+    Send,
+    ServerConnection,
+)
 from .protocol.errors import FaultStatus, KmsError
 
 log = structlog.get_logger("kmsd")
@@ -65,6 +72,7 @@ class KmsServer:
         self.store = store
         self._all_closed = asyncio.Event()
         self.groups = AssociationGroups(settings.groups_seed)
+        self.bind_answers = BindAnswers()
         self.admission = Admission(
             settings.max_connections,
             settings.max_connections_per_ip,
@@ -184,6 +192,7 @@ class _KmsProtocol(asyncio.Protocol):
             ndr64=settings.ndr64,
             btfn=settings.btfn,
             max_pdu=settings.max_pdu,
+            answers=server.bind_answers,
         )
         server.connections.add(self)
         self.last_seen = loop.time()

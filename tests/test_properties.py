@@ -23,6 +23,7 @@ from kmsclient.session import BindOptions, KmsConnection, RpcClient, base_reques
 from kmsd.protocol import ndr
 from kmsd.protocol.connection import (
     AssociationGroups,
+    BindAnswers,
     Call,
     Close,
     Send,
@@ -358,6 +359,56 @@ def test_mutated_bind(options: BindOptions, ops: list[Any]) -> None:
     if not conn.closed and not conn.pending_bytes():
         for e in conn.feed(_valid_request_pdu(options, 6)):
             assert isinstance(e, Send | Call | Close)
+
+
+def _conversation(conn: ServerConnection, pdus: list[bytes]) -> list[tuple[str, bytes]]:
+    out: list[tuple[str, bytes]] = []
+    for pdu in pdus:
+        for e in conn.feed(pdu):
+            if isinstance(e, Send):
+                out.append(("send", e.data))
+            elif isinstance(e, Call):
+                out.append(("call", bytes([e.context_id, e.ndr64]) + e.payload))
+            else:
+                out.append(("close", b""))
+    return out
+
+
+@SLOW
+@given(
+    sessions=st.lists(
+        st.lists(
+            st.one_of(
+                binds.map(lambda b: b.encode()),
+                st.sampled_from([RpcClient(o).bind() for o in BIND_OPTIONS]),
+                st.builds(
+                    lambda o, c: RpcClient(o, first_call_id=c).bind(),
+                    st.sampled_from(BIND_OPTIONS),
+                    u32,
+                ),
+            ),
+            min_size=1,
+            max_size=3,
+        ),
+        min_size=1,
+        max_size=6,
+    ),
+    major=st.sampled_from([4, 5, 6]),
+)
+def test_remembered_bind_answers_are_the_negotiated_ones(
+    sessions: list[list[bytes]], major: int
+) -> None:
+    """Connections sharing a BindAnswers memo answer exactly as connections negotiating
+    every bind afresh (same association groups, contexts and bytes), then a request."""
+    request = _valid_request_pdu(BIND_OPTIONS[0], major)
+    memo = BindAnswers(size=4)  # small, so that it also fills up and starts afresh
+    groups_memo, groups_fresh = AssociationGroups(SEED), AssociationGroups(SEED)
+    for pdus in sessions + sessions:  # the second round finds every bind remembered
+        remembered = ServerConnection(port=PORT, groups=groups_memo, answers=memo)
+        fresh = ServerConnection(port=PORT, groups=groups_fresh)
+        assert _conversation(remembered, [*pdus, request]) == _conversation(fresh, [*pdus, request])
+        remembered.close()
+        fresh.close()
 
 
 # For the KMS layer: a model of which mutations decode_request(verify=True) must refuse.

@@ -125,6 +125,30 @@ class _Partial:
     dropped: bool = False  # refused already; its remaining fragments are skipped
 
 
+class BindAnswers:
+    """Answers to binds already negotiated, shared by the connections of one server.
+
+    A bind's answer depends only on its own bytes (but for its call id and requested
+    association group) and on the server's settings, which are the same for every
+    connection of a server; real clients send the same few binds over and over. So each
+    answer is kept as the bytes of the ack and the contexts it accepted, and the next
+    identical bind is answered by patching in its call id and association group, without
+    parsing or negotiating again. At most `size` answers are kept.
+    """
+
+    def __init__(self, size: int = 256) -> None:
+        self.size = size
+        self._answers: dict[bytes, tuple[bytes, tuple[tuple[int, bool], ...]]] = {}
+
+    def get(self, key: bytes) -> tuple[bytes, tuple[tuple[int, bool], ...]] | None:
+        return self._answers.get(key)
+
+    def put(self, key: bytes, ack: bytes, accepted: tuple[tuple[int, bool], ...]) -> None:
+        if len(self._answers) >= self.size:
+            self._answers.clear()  # binds nobody sends twice (a fuzzer): start afresh
+        self._answers[key] = (ack, accepted)
+
+
 class ServerConnection:
     """State of one connection: bound contexts, association group, fragments in flight."""
 
@@ -137,7 +161,11 @@ class ServerConnection:
         btfn: bool = True,
         max_pdu: int = 5840,
         max_call: int = 16384,
+        answers: BindAnswers | None = None,
     ) -> None:
+        """`answers`: the server's memo of bind answers (kept only when given), which
+        must not outlive the other arguments' values."""
+        self._answers = answers
         self._sec_addr = str(port).encode("ascii")
         self._groups = groups
         self._ndr64 = ndr64
@@ -202,6 +230,13 @@ class ServerConnection:
                 NakReason.AUTHENTICATION_TYPE_NOT_RECOGNIZED,
                 "authenticated bind; KMS is anonymous",
             )
+        key = b""
+        if is_bind and self._answers is not None:
+            # Everything but the call id (12:16) and the requested group (20:24).
+            key = self._sec_addr + data[:12] + data[16:20] + data[24:]
+            known = self._answers.get(key)
+            if known is not None:
+                return [self._bind_again(data, *known)]
         try:
             pdu = parse_pdu(data)
         except PduError as exc:
@@ -211,7 +246,10 @@ class ServerConnection:
                 return [self._fault(h.call_id, 0, FaultStatus.PROTO_ERROR, str(exc))]
             return [self._close(str(exc))]
         if isinstance(pdu, Bind):
-            return [self._bind(pdu)]
+            ack, accepted = self._bind(pdu)
+            if self._answers is not None:
+                self._answers.put(key, ack, accepted)
+            return [Send(ack)]
         if isinstance(pdu, Request):
             return self._request(pdu)
         if isinstance(pdu, OtherPdu) and pdu.header.ptype in (PType.CO_CANCEL, PType.ORPHANED):
@@ -226,15 +264,18 @@ class ServerConnection:
     def _fault(self, call_id: int, context_id: int, status: FaultStatus, problem: str) -> Send:
         return Send(Fault(call_id, context_id, status).encode(), problem)
 
-    def _bind(self, bind: Bind) -> Send:
+    def _bind(self, bind: Bind) -> tuple[bytes, tuple[tuple[int, bool], ...]]:
+        """The ack and the contexts it accepted (id, is NDR64)."""
         if not self._group:
             self._group = self._groups.join(bind.assoc_group)
         ndr64_possible = self._ndr64 and any(NDR64 in c.transfers for c in bind.contexts)
         results = []
+        accepted = []
         for ctx in bind.contexts:
             result = self._negotiate(ctx.abstract, ctx.transfers, ndr64_possible)
             if result.result == Result.ACCEPTANCE:
                 self._contexts[ctx.context_id] = result.syntax == NDR64
+                accepted.append((ctx.context_id, result.syntax == NDR64))
             results.append(result)
         ack = BindAck(
             call_id=bind.call_id,
@@ -247,7 +288,15 @@ class ServerConnection:
             assoc_group=self._group,
             alter=bind.alter,
         )
-        return Send(ack.encode())
+        return ack.encode(), tuple(accepted)
+
+    def _bind_again(self, data: bytes, ack: bytes, accepted: tuple[tuple[int, bool], ...]) -> Send:
+        """Answer a bind identical to one answered before (BindAnswers)."""
+        if not self._group:
+            self._group = self._groups.join(int.from_bytes(data[20:24], "little"))
+        self._contexts.update(accepted)
+        group = self._group.to_bytes(4, "little")
+        return Send(ack[:12] + data[12:16] + ack[16:20] + group + ack[24:])
 
     def _negotiate(
         self, abstract: Syntax, transfers: tuple[Syntax, ...], ndr64_possible: bool
