@@ -149,8 +149,12 @@ class KmsHost:
             activation_interval=self.policy.activation_interval,
             renewal_interval=self.policy.renewal_interval,
         )
-        salt = self.random(16) if request.major >= 5 else b""
-        response_iv = self.random(16) if request.major >= 6 else b""
+        salt = response_iv = b""
+        if request.major == 5:
+            salt = self.random(16)
+        elif request.major >= 6:
+            fresh = self.random(32)
+            salt, response_iv = fresh[:16], fresh[16:]
         payload = encode_response(
             request, response, salt=salt, response_iv=response_iv, hwid=self.identity.hwid
         )

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import logging
 import os
 import socket
 import time
@@ -30,6 +32,7 @@ from .protocol.errors import FaultStatus, KmsError
 log = structlog.get_logger("kmsd")
 
 DEFAULT_PORT = 1688
+BACKLOG = 1024  # connections the kernel queues before kmsd accepts them
 DRAIN_SECONDS = 5.0  # how long a stop waits for replies still being committed
 
 
@@ -97,14 +100,19 @@ class KmsServer:
             )
         for host, port in () if sockets else self.settings.listen:
             try:
-                server = await loop.create_server(
-                    lambda: _KmsProtocol(self),
-                    host,
-                    port,
-                    reuse_address=True,
-                    family=socket.AF_INET6 if ":" in host else socket.AF_INET,
-                    start_serving=serving,
-                )
+                if _is_ip(host):
+                    server = await loop.create_server(
+                        lambda: _KmsProtocol(self), sock=_listen(host, port), start_serving=serving
+                    )
+                else:
+                    server = await loop.create_server(
+                        lambda: _KmsProtocol(self),
+                        host,
+                        port,
+                        reuse_address=True,
+                        backlog=BACKLOG,
+                        start_serving=serving,
+                    )
             except OSError as exc:
                 await self.stop()
                 raise OSError(
@@ -153,6 +161,32 @@ class KmsServer:
         self.connections.discard(conn)
         if not self.connections:
             self._all_closed.set()
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _listen(ip: str, port: int) -> socket.socket:
+    """A listening socket on an IP address, made here rather than by the loop, whose name
+    resolution would start a pool of threads (uvloop: four) that then idle for ever."""
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # as asyncio does
+        sock.bind((ip, port))
+        sock.listen(BACKLOG)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 class _KmsProtocol(asyncio.Protocol):
@@ -319,29 +353,32 @@ class _KmsProtocol(asyncio.Protocol):
             self.server.metrics.refusal(exc.hresult, call.payload, self.peer, now)
             return call.reply_error(exc.hresult)
         request = activation.request
-        fields: dict[str, Any] = {
-            "client": self.peer,
-            "cmid": str(request.client_machine_id),
-            "workstation": request.workstation,
-            "application": activation.application,
-            "product": activation.product,
-            "protocol": f"{request.major}.{request.minor}",
-            "ndr": "NDR64" if call.ndr64 else "NDR32",
-            "count": activation.count,
-            "required": request.required_count,
-        }
-        if not activation.known:
-            fields["kms_id"] = f"unknown {request.kms_id}"
-        if activation.count < request.required_count:
-            fields["below_threshold"] = (
-                f"count {activation.count} of {request.required_count}: not activated yet; "
-                f"a small lab can start kmsd with --precharge {request.required_count - 1}"
-            )
-        log.info("activation", **fields)
+        protocol = f"{request.major}.{request.minor}"
+        if log.is_enabled_for(logging.INFO):  # not even the fields when nobody reads them
+            fields: dict[str, Any] = {
+                "client": self.peer,
+                "cmid": str(request.client_machine_id),
+                "workstation": request.workstation,
+                "application": activation.application,
+                "product": activation.product,
+                "protocol": protocol,
+                "ndr": "NDR64" if call.ndr64 else "NDR32",
+                "count": activation.count,
+                "required": request.required_count,
+            }
+            if not activation.known:
+                fields["kms_id"] = f"unknown {request.kms_id}"
+            if activation.count < request.required_count:
+                fields["below_threshold"] = (
+                    f"count {activation.count} of {request.required_count}: not activated "
+                    f"yet; a small lab can start kmsd with --precharge "
+                    f"{request.required_count - 1}"
+                )
+            log.info("activation", **fields)
         self.server.metrics.activation(
             activation.application,
             activation.product,
-            fields["protocol"],
+            protocol,
             activation.count,
             request.required_count,
             request.workstation,

@@ -370,3 +370,23 @@ def test_captured_exchanges_replay_on_pure_python_too() -> None:
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert " passed" in result.stdout
+
+
+def test_the_daemon_does_not_load_cryptography_when_compiled() -> None:
+    """With the extension, V5 runs on CRijndael: the daemon's imports leave out
+    cryptography and its own OpenSSL (about 7 MiB of resident memory)."""
+    require_extension()
+    code = (
+        "import sys, kmsd.cli, kmsd.server, kmsd.store, kmsd.protocol.kms as k;"
+        "print(type(k.E5).__name__, 'cryptography' in sys.modules)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "KMSD_PURE_PYTHON"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.stdout.split() == ["CRijndael", "False"], out.stderr
+    pure = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**env, "KMSD_PURE_PYTHON": "1"},
+    )
+    assert pure.stdout.split() == ["Aes", "True"], pure.stderr

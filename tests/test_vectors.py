@@ -142,7 +142,9 @@ class Recorded:
         return self.counts.popleft()
 
     def random(self, n: int) -> bytes:
-        value = self.randoms.popleft()
+        value = b""  # the recorded randoms in the order drawn (V6: salt, then IV)
+        while len(value) < n:
+            value += self.randoms.popleft()
         assert len(value) == n
         return value
 

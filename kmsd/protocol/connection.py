@@ -182,8 +182,15 @@ class ServerConnection:
         """Take bytes from the peer; returns what to do, in order."""
         if self.closed:
             return []
-        self._buffer += data
+        size = len(data)
+        if (
+            not self._buffer
+            and HEADER_SIZE <= size <= self._max_pdu
+            and frag_length_of(data) == size
+        ):
+            return self._handle(data)  # the usual case: one whole PDU, not buffered
         events: list[Event] = []
+        self._buffer += data
         while len(self._buffer) >= HEADER_SIZE and not self.closed:
             length = frag_length_of(self._buffer)
             if length < HEADER_SIZE or length > self._max_pdu:

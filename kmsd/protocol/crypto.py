@@ -1,13 +1,17 @@
 """Block ciphers and MACs of the KMS protocol (PROTOCOL.md §4.4, §4.5, §4.8).
 
-V5 is plain AES-128 and uses `cryptography`. V4's 160-bit-key Rijndael and V6's AES with
-three altered round-key bytes cannot be expressed with a standard library, so they are
-written here once, as a table-driven Rijndael that serves both: `PyRijndael` in pure
-Python, and `CRijndael`, its compiled twin from the optional C extension
-`kmsd.protocol._rijndael` (built by `pip install` when a C compiler is available).
-Both take the key schedule from `expand_key`, so the schedule and the V6 tweak are defined
-once. `Rijndael` is `CRijndael` when the extension imports and the environment variable
-KMSD_PURE_PYTHON is not set to a non-empty value other than 0, else `PyRijndael`.
+V4's 160-bit-key Rijndael and V6's AES with three altered round-key bytes cannot be
+expressed with a standard library, so they are written here once, as a table-driven
+Rijndael that serves both: `PyRijndael` in pure Python, and `CRijndael`, its compiled twin
+from the optional C extension `kmsd.protocol._rijndael` (built by `pip install` when a C
+compiler is available). Both take the key schedule from `expand_key`, so the schedule and
+the V6 tweak are defined once. `Rijndael` is `CRijndael` when the extension imports and
+the environment variable KMSD_PURE_PYTHON is not set to a non-empty value other than 0,
+else `PyRijndael`.
+
+V5 is plain AES-128: `CRijndael` with the V5 key when compiled (the same speed as
+`cryptography` for a KMS message, and the daemon then never loads `cryptography` and its
+own OpenSSL, about 7 MiB of memory), else `Aes`, through `cryptography`.
 """
 
 from __future__ import annotations
@@ -20,8 +24,6 @@ import struct
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
-
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 K4 = bytes.fromhex("053d8307f9e5f088eb5ea6686cf037c7e4efd2d6")
 K5 = bytes.fromhex("cd7e796f2ab25dcb55ffc8ef8364c470")
@@ -379,6 +381,8 @@ class Aes:
     """
 
     def __init__(self, key: bytes) -> None:
+        from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
         algorithm = algorithms.AES(key)
         ecb = Cipher(algorithm, modes.ECB())
         self._ecb_encrypt = ecb.encryptor().update
@@ -427,7 +431,7 @@ def _check_blocks(data: bytes) -> None:
 
 
 E4 = Rijndael(K4)
-E5: BlockCipher = Aes(K5)
+E5: BlockCipher = Rijndael(K5) if ACCELERATED else Aes(K5)
 E6: BlockCipher = Rijndael(K6, V6_TWEAK)
 
 
@@ -463,7 +467,7 @@ def _slot_key(slot: int) -> bytes:
 
 
 def v6_mac(request_time: int, data: bytes) -> bytes:
-    return hmac.new(v6_hmac_key(request_time), data, hashlib.sha256).digest()[16:]
+    return hmac.digest(v6_hmac_key(request_time), data, "sha256")[16:]
 
 
 def sha256(data: bytes) -> bytes:

@@ -45,6 +45,21 @@ def _guid(raw: bytes) -> UUID:
     return guid
 
 
+_PRODUCT_GUIDS: dict[bytes, UUID] = {}
+_MAX_PRODUCT_GUIDS = 4096
+
+
+def _product_guid(raw: bytes) -> UUID:
+    """_guid for an application, SKU or KMS ID: a few hundred values in any lab, made
+    once each (a peer sending random ones only fills the bounded table)."""
+    guid = _PRODUCT_GUIDS.get(raw)
+    if guid is None:
+        guid = _guid(raw)
+        if len(_PRODUCT_GUIDS) < _MAX_PRODUCT_GUIDS:
+            _PRODUCT_GUIDS[raw] = guid
+    return guid
+
+
 def _utf16z_decode(raw: bytes) -> str:
     """Decode UTF-16LE up to the first NUL code unit (bytes after it may be garbage)."""
     end = 0
@@ -120,9 +135,9 @@ class BaseRequest:
             is_vm=vm,
             license_status=status,
             binding_expiration=expiration,
-            application_id=_guid(app),
-            sku_id=_guid(sku),
-            kms_id=_guid(kms),
+            application_id=_product_guid(app),
+            sku_id=_product_guid(sku),
+            kms_id=_product_guid(kms),
             client_machine_id=_guid(cmid),
             required_count=required,
             request_time=time,
