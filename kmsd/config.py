@@ -394,7 +394,8 @@ OPTIONS: tuple[Option, ...] = (
         "normal",
         "normal: a reply waits until its record is committed to the write-ahead log, so it "
         "survives any crash or kill of kmsd; full: also until the log is flushed to disk "
-        "(fsync), so it survives power loss, for about 0.2 ms of CPU per group commit",
+        "(fdatasync, in a thread), so it survives power loss, for about 0.2 ms more CPU "
+        "per activation",
         "{normal,full}",
     ),
     Option(
