@@ -1,7 +1,7 @@
 """The durable store: client-ID tables, client history and host identity in SQLite (WAL).
 
-The event loop counts in memory (kmsd.cache) and queues every change here. At the end of
-each turn of the loop, everything counted in it is written in one transaction (group
+The event loop counts in memory (kmsd.cache) and queues every change here. After the
+loop's next look for I/O, everything counted so far is written in one transaction (group
 commit) on the loop's own thread, and then the replies waiting for it leave: a reply
 leaves only once its record is committed to the write-ahead log, which survives any crash
 of the process. Writing to the log is a write() into the page cache, not a wait for the
@@ -416,14 +416,20 @@ class SqliteStore:
         self._release_lock()
 
     def _schedule(self, delay: float = 0.0) -> None:
-        """Commit at the end of this turn of the loop: everything counted in it is one
-        transaction (group commit), and no reply waits for another thread."""
+        """Commit once the loop has looked for I/O one more time: everything counted in
+        this turn and the next is one transaction (group commit), and no reply waits for
+        another thread. The extra turn polls without blocking; under load it gathers the
+        requests that arrived meanwhile (new connections: about 1.5 -> 2.7 per commit)."""
         if self._loop is None:
             return  # start() schedules what was counted before it
         if delay:
             self._scheduled = self._loop.call_later(delay, self._commit_group)
         else:
-            self._scheduled = self._loop.call_soon(self._commit_group)
+            self._scheduled = self._loop.call_soon(self._next_turn)
+
+    def _next_turn(self) -> None:
+        assert self._loop is not None
+        self._scheduled = self._loop.call_soon(self._commit_group)
 
     def _commit_group(self) -> None:
         self._scheduled = None
