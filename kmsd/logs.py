@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from typing import Any
 
 import structlog
@@ -37,18 +38,56 @@ def current_level() -> str:
     return _level
 
 
+_second = -1
+_second_text = ""
+
+
+def timestamp(_: object, __: str, event: structlog.typing.EventDict) -> structlog.typing.EventDict:
+    """UTC ISO 8601 with microseconds, as TimeStamper(fmt="iso", utc=True) writes it, at a
+    tenth of its cost (the date and time are formatted once a second)."""
+    global _second, _second_text
+    now = time.time()
+    second = int(now)
+    if second != _second:
+        _second, _second_text = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+    event["timestamp"] = f"{_second_text}.{int((now - second) * 1e6):06d}Z"
+    return event
+
+
+_QUOTED = frozenset(" \t=\r\n\"'")  # a string with any of these is written as its repr
+
+
+def _value(value: object) -> str:
+    if isinstance(value, str) and _QUOTED.isdisjoint(value):
+        return value
+    return repr(value)
+
+
+def plain_console(_: object, __: str, event: structlog.typing.EventDict) -> str:
+    """The layout of structlog's ConsoleRenderer without colours (for a file, a pipe or
+    the journal), at a fifth of its cost: one line per activation is the hot path."""
+    head = f"{event.pop('timestamp', '')} [{event.pop('level', ''):<9}]"
+    name = event.pop("event", "")
+    exception = event.pop("exception", None)
+    pairs = [f"{key}={_value(event[key])}" for key in sorted(event)]
+    line = " ".join([head, f"{name:<30}" if pairs else str(name), *pairs]).rstrip(" ")
+    return f"{line}\n{exception}" if exception is not None else line
+
+
 def configure(fmt: str = "console", level: str = "info") -> None:
     set_level(level)
     renderer: structlog.typing.Processor
     if fmt == "json":
         renderer = structlog.processors.JSONRenderer()
+    elif sys.stderr.isatty():
+        renderer = structlog.dev.ConsoleRenderer(colors=True)
     else:
-        renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        renderer = plain_console
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            timestamp,
             structlog.processors.format_exc_info,
             renderer,
         ],
