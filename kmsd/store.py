@@ -386,8 +386,6 @@ class SqliteStore:
         self._loop = loop
         self._data_version = self.db.execute("PRAGMA data_version").fetchone()[0]
         self._poller = loop.call_later(POLL_SECONDS, self._poll)
-        if self.path != MEMORY:
-            self._checkpointer = sqlite3.connect(self.path, check_same_thread=False)
         if self._items:
             self._schedule()
 
@@ -508,9 +506,12 @@ class SqliteStore:
         self._in_thread(os.fdatasync, self._wal_fd, then=flushed)
 
     def _checkpoint(self) -> None:
-        """Copy the log into the database file, in a thread with its own connection."""
-        if self._checkpointer is None or self._checkpointing or not self._commits:
+        """Copy the log into the database file, in a thread with its own connection
+        (opened at the first checkpoint: an idle daemon keeps neither it nor a thread)."""
+        if self.path == MEMORY or self._checkpointing or not self._commits:
             return
+        if self._checkpointer is None:
+            self._checkpointer = sqlite3.connect(self.path, check_same_thread=False)
         self._commits = 0
         self._checkpointing = True
 
