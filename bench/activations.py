@@ -222,12 +222,14 @@ def peak_rss_kib(pid: int) -> int | None:
     return None
 
 
-def machine_cpu() -> tuple[int, int]:
-    """(busy, total) jiffies of all CPUs from /proc/stat."""
+def machine_cpu() -> tuple[int, int, int]:
+    """(busy, stolen, total) jiffies of all CPUs from /proc/stat; stolen: time the
+    hypervisor gave to other guests while this one wanted to run."""
     with open("/proc/stat") as f:
         values = [int(x) for x in f.readline().split()[1:]]
     idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
-    return sum(values) - idle, sum(values)
+    steal = values[7] if len(values) > 7 else 0
+    return sum(values) - idle, steal, sum(values)
 
 
 def ignores_sigchld(pid: int) -> bool:
@@ -445,6 +447,7 @@ class Cell:
     perf_cpu_us: float | None  # per activation, perf method
     client_cpu_us: float  # per activation, all workers
     machine_busy: float  # share of all CPUs busy during the cell (anything running), 0-1
+    machine_steal: float  # share of all CPU time stolen by the hypervisor, 0-1
     p50_ms: float | None
     p99_ms: float | None
     peak_rss_kib: int | None
@@ -491,7 +494,7 @@ class Workers:
         pid = target.pid
         perf = PerfCpu(pid) if use_perf and pid is not None else None
         cpu0 = tree_cpu_seconds(pid) if pid is not None else None
-        busy0, total0 = machine_cpu()
+        busy0, steal0, total0 = machine_cpu()
         t0 = time.perf_counter()
         for conn in self.conns:
             conn.send(("go",))
@@ -500,7 +503,7 @@ class Workers:
             self._recv(conn, spec.duration + 2 * spec.op_timeout + 30)[1] for conn in self.conns
         ]
         wall = time.perf_counter() - t0
-        busy1, total1 = machine_cpu()
+        busy1, steal1, total1 = machine_cpu()
         server_cpu = perf_cpu = None
         if pid is not None:
             wait_children_gone(pid, 1.0)
@@ -532,6 +535,7 @@ class Workers:
             perf_cpu_us=per_act(perf_cpu),
             client_cpu_us=per_act(sum(r.cpu for r in results)) or 0.0,
             machine_busy=(busy1 - busy0) / (total1 - total0) if total1 > total0 else 0.0,
+            machine_steal=(steal1 - steal0) / (total1 - total0) if total1 > total0 else 0.0,
             p50_ms=p50 * 1e3 if p50 is not None else None,
             p99_ms=p99 * 1e3 if p99 is not None else None,
             peak_rss_kib=peak_rss_kib(pid) if pid is not None else None,
@@ -606,11 +610,13 @@ def print_tables(results: list[tuple[Target, list[Cell]]], meta: dict[str, Any])
     )
     print(
         "cli µs/act = load generator CPU per activation; busy = all CPUs of the machine "
-        "(server + load generator + anything else) during the cell"
+        "(server + load generator + anything else) during the cell; steal = CPU time the "
+        "hypervisor gave to other guests (above a few %, timings are not comparable)"
     )
     header = (
         f"{'ver':<4}{'mode':<6}{'act/s':>8}{'srv µs/act':>12}{'proc':>7}{'cli µs/act':>12}"
-        f"{'busy':>6}{'p50 ms':>8}{'p99 ms':>8}{'peak RSS':>11}{'acts':>7}{'errors':>7}"
+        f"{'busy':>6}{'steal':>6}{'p50 ms':>8}{'p99 ms':>8}{'peak RSS':>11}{'acts':>7}"
+        f"{'errors':>7}"
     )
     for target, cells in results:
         print()
@@ -626,7 +632,7 @@ def print_tables(results: list[tuple[Target, list[Cell]]], meta: dict[str, Any])
             print(
                 f"V{c.version:<3}{c.mode:<6}{c.rate:>8.0f}{_f(c.cpu_us, '.0f'):>12}"
                 f"{_f(c.proc_cpu_us, '.0f'):>7}{c.client_cpu_us:>12.0f}"
-                f"{c.machine_busy:>6.0%}{_f(c.p50_ms, '.2f'):>8}"
+                f"{c.machine_busy:>6.0%}{c.machine_steal:>6.0%}{_f(c.p50_ms, '.2f'):>8}"
                 f"{_f(c.p99_ms, '.2f'):>8}{_mib(c.peak_rss_kib):>11}{c.activations:>7}"
                 f"{sum(c.errors.values()):>7}"
             )
