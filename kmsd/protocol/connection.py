@@ -59,7 +59,7 @@ class Close:
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # made per request; not frozen, whose __init__ costs 3x
 class Call:
     """A complete RequestActivation call for the host to answer."""
 

@@ -74,7 +74,7 @@ def _utf16z_decode(raw: bytes) -> str:
     return raw[:end].decode("utf-16-le", errors="replace")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # made per request; not frozen, whose __init__ costs 3x
 class BaseRequest:
     """The 236-byte base request, the same for every protocol version (§4.2)."""
 
@@ -146,7 +146,7 @@ class BaseRequest:
         )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # made per request; not frozen, whose __init__ costs 3x
 class BaseResponse:
     """The base response, 44 bytes plus the ePID (§4.3)."""
 
@@ -210,7 +210,7 @@ def _cipher(major: int) -> BlockCipher:
     return E6 if major >= 6 else E5
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # made per request; not frozen, whose __init__ costs 3x
 class KmsRequest:
     """A decoded request as the host sees it."""
 

@@ -110,7 +110,7 @@ class PduError(Exception):
     """A PDU whose body does not fit its type or its frag_length."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # made per request; not frozen, whose __init__ costs 3x
 class Header:
     version: tuple[int, int]
     ptype: int
@@ -226,7 +226,7 @@ class BindNak:
         return _header(PType.BIND_NAK, WHOLE, HEADER_SIZE + len(body), self.call_id) + body
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # made per request; not frozen, whose __init__ costs 3x
 class Request:
     call_id: int
     context_id: int
@@ -244,7 +244,7 @@ class Request:
         return _header(PType.REQUEST, flags, HEADER_SIZE + len(body), self.call_id) + body
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # made per request; not frozen, whose __init__ costs 3x
 class Response:
     call_id: int
     context_id: int
