@@ -6,12 +6,11 @@ Pure: time and randomness are passed in; the client count comes from a CountStor
 from __future__ import annotations
 
 import datetime as dt
-import os
 from dataclasses import dataclass, field
 from uuid import UUID
 
 from .cache import MAX_REQUIRED_COUNT, CountStore
-from .protocol.crypto import RandomSource
+from .protocol.crypto import RandomPool, RandomSource
 from .protocol.epid import generate_epid
 from .protocol.errors import HResult, KmsError
 from .protocol.kms import BaseRequest, BaseResponse, decode_request, encode_response
@@ -84,13 +83,14 @@ class KmsHost:
         identity: HostIdentity,
         policy: HostPolicy = HostPolicy(),
         *,
-        random: RandomSource = os.urandom,
+        random: RandomSource | None = None,
         database: ProductDatabase | None = None,
     ) -> None:
+        """`random`: where salts and IVs come from (default: a RandomPool)."""
         self.counter = counter
         self.identity = identity
         self.policy = policy
-        self.random = random
+        self.random = random or RandomPool()
         self.products = database or products()
 
     def epid_for(self, application: UUID, kms_id: UUID) -> str:

@@ -390,3 +390,22 @@ def test_the_daemon_does_not_load_cryptography_when_compiled() -> None:
         env={**env, "KMSD_PURE_PYTHON": "1"},
     )
     assert pure.stdout.split() == ["Aes", "True"], pure.stderr
+
+
+def test_random_pool_hands_out_each_byte_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    drawn: list[int] = []
+    counter = iter(range(1 << 20))
+
+    def urandom(n: int) -> bytes:  # distinct bytes, so that a repeat would show
+        drawn.append(n)
+        return bytes(next(counter) % 251 for _ in range(n))
+
+    monkeypatch.setattr(crypto.os, "urandom", urandom)
+    pool = crypto.RandomPool(block=64)
+    pieces = [pool(16), pool(32), pool(16), pool(16), pool(100), pool(8)]
+    assert [len(p) for p in pieces] == [16, 32, 16, 16, 100, 8]
+    assert drawn == [64, 64, 100, 64]  # refilled when a piece does not fit, sized to fit
+    assert pieces[0] + pieces[1] + pieces[2] == bytes(range(64))
+    assert pieces[3] == bytes(range(64, 80))
+    assert pieces[4] == bytes(i % 251 for i in range(128, 228))
+    assert pieces[5] == bytes(i % 251 for i in range(228, 236))

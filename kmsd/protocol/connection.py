@@ -245,7 +245,7 @@ class ServerConnection:
             if known is not None:
                 return [self._bind_again(data, *known)]
         try:
-            pdu = parse_pdu(data)
+            pdu = parse_pdu(data, h)
         except PduError as exc:
             if is_bind:
                 return self._nak(h.call_id, NakReason.NOT_SPECIFIED, str(exc))

@@ -479,3 +479,23 @@ def xor16(a: bytes, b: bytes) -> bytes:
 
 
 RandomSource = Callable[[int], bytes]
+
+
+class RandomPool:
+    """A RandomSource: os.urandom read `block` bytes at a time and handed out in slices,
+    so that a reply's salt and IV cost no system call of their own (one getrandom() per
+    128 V6 replies). Every byte is handed out once. Not for a process that forks after
+    drawing from it (parent and child would share the rest of the block)."""
+
+    def __init__(self, block: int = 4096) -> None:
+        self.block = block
+        self._pool = b""
+        self._at = 0
+
+    def __call__(self, n: int) -> bytes:
+        end = self._at + n
+        if end > len(self._pool):
+            self._pool, self._at, end = os.urandom(max(self.block, n)), 0, n
+        out = self._pool[self._at : end]
+        self._at = end
+        return out

@@ -6,6 +6,7 @@ structure. Nothing here draws randomness: salts and IVs are arguments.
 
 from __future__ import annotations
 
+import functools
 import struct
 from dataclasses import dataclass, field
 from uuid import UUID, SafeUUID
@@ -146,6 +147,14 @@ class BaseRequest:
         )
 
 
+@functools.lru_cache(maxsize=64)  # a host answers with a handful of ePIDs
+def _epid_field(epid: str) -> bytes:
+    field = epid.encode("utf-16-le") + b"\x00\x00"
+    if len(field) > MAX_EPID_SIZE:
+        raise ValueError("ePID longer than 63 UTF-16 code units")
+    return field
+
+
 @dataclass(slots=True)  # made per request; not frozen, whose __init__ costs 3x
 class BaseResponse:
     """The base response, 44 bytes plus the ePID (§4.3)."""
@@ -160,9 +169,7 @@ class BaseResponse:
     renewal_interval: int
 
     def encode(self) -> bytes:
-        epid = self.epid.encode("utf-16-le") + b"\x00\x00"
-        if len(epid) > MAX_EPID_SIZE:
-            raise ValueError("ePID longer than 63 UTF-16 code units")
+        epid = _epid_field(self.epid)
         return (
             _RESPONSE_HEAD.pack(self.minor, self.major, len(epid))
             + epid

@@ -390,10 +390,11 @@ _PARSERS: dict[int, Callable[[Header, bytes], Pdu]] = {
 }
 
 
-def parse_pdu(data: bytes) -> Pdu:
-    """Decode one whole little-endian, unauthenticated PDU (exactly frag_length bytes)."""
+def parse_pdu(data: bytes, header: Header | None = None) -> Pdu:
+    """Decode one whole little-endian, unauthenticated PDU (exactly frag_length bytes);
+    `header`: its header, when the caller has parsed it already."""
     _need(data, HEADER_SIZE, "header")
-    h = parse_header(data)
+    h = header or parse_header(data)
     if h.frag_length != len(data):
         raise PduError(f"frag_length {h.frag_length} but {len(data)} bytes given")
     if h.drep & 0xF0 != DREP_LE:
