@@ -16,6 +16,7 @@ from typing import Any, Protocol, cast
 import structlog
 
 from .addresses import join_host_port
+from .commit import Commit
 from .host import KmsHost
 from .limits import Admission, Network
 from .metrics import Metrics
@@ -37,7 +38,7 @@ DRAIN_SECONDS = 5.0  # how long a stop waits for replies still being committed
 
 
 class Durable(Protocol):
-    def barrier(self) -> asyncio.Future[None]:
+    def barrier(self) -> Commit:
         """Completes once everything counted so far is on disk."""
         ...
 
@@ -202,7 +203,7 @@ class _KmsProtocol(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None
         # Replies in order, each with the commit it waits for (None: nothing to wait for)
         # and when its request was complete (loop time; 0.0: not a reply to a call).
-        self.outbox: deque[tuple[bytes, asyncio.Future[None] | None, float]] = deque()
+        self.outbox: deque[tuple[bytes, Commit | None, float]] = deque()
         self.closing = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -293,9 +294,7 @@ class _KmsProtocol(asyncio.Protocol):
         else:
             self.partial_since = None
 
-    def _send(
-        self, data: bytes, committed: asyncio.Future[None] | None, started: float = 0.0
-    ) -> None:
+    def _send(self, data: bytes, committed: Commit | None, started: float = 0.0) -> None:
         """Write `data` in order, once `committed` is; `started`: when the request it
         answers was complete (for the latency metric)."""
         if not self.outbox and committed is None:

@@ -31,6 +31,7 @@ from uuid import UUID
 import structlog
 
 from .cache import RECORD_LIFETIME, MemoryCounter
+from .commit import Commit
 from .protocol.kms import BaseRequest
 
 log = structlog.get_logger("kmsd.store")
@@ -252,12 +253,12 @@ class SqliteStore:
         self._load()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._items: list[_Change | Statement] = []  # not yet committed, in the loop's order
-        self._waiting: asyncio.Future[None] | None = None  # the replies of those items
+        self._waiting: Commit | None = None  # the replies of those items
         self._scheduled: asyncio.Handle | None = None  # the next commit
         self._backoff = 0.0
         self.failures = 0  # commits that failed (and were retried)
         self.commit_ok = True  # the last commit succeeded (or none was needed yet)
-        self._unsynced: list[asyncio.Future[None]] = []  # "full": committed, not yet flushed
+        self._unsynced: list[Commit] = []  # "full": committed, not yet flushed
         self._syncing = False
         self._wal_fd: int | None = None
         self._commits = 0  # since the last checkpoint
@@ -359,13 +360,12 @@ class SqliteStore:
             self._schedule()
         return count
 
-    def barrier(self) -> asyncio.Future[None]:
-        """A future that completes once everything counted so far is committed (and,
-        with synchronous "full", flushed to disk); one future serves a whole group."""
-        loop = self._loop
-        assert loop is not None, "start() the store first"
+    def barrier(self) -> Commit:
+        """The Commit that completes once everything counted so far is committed (and,
+        with synchronous "full", flushed to disk); one serves a whole group."""
+        assert self._loop is not None, "start() the store first"
         if self._waiting is None:
-            self._waiting = loop.create_future()
+            self._waiting = Commit()
         if self._scheduled is None:
             self._schedule()
         return self._waiting
@@ -448,7 +448,7 @@ class SqliteStore:
                 )
                 self._items = items + self._items
                 if waiting is not None:
-                    waiting.set_exception(StoreError(f"commit failed: {exc}"))
+                    waiting.settle(StoreError(f"commit failed: {exc}"))
                 self._schedule(self._backoff)
                 return
             self._backoff = 0.0
@@ -462,7 +462,7 @@ class SqliteStore:
                 self._unsynced.append(waiting)
                 self._flush_log()
             else:
-                waiting.set_result(None)
+                waiting.settle()
 
     def _commit(self, items: list[_Change | Statement]) -> None:
         with self._transaction():
@@ -497,10 +497,7 @@ class SqliteStore:
                 self.commit_ok = False
                 log.error("cannot flush the database log; replies dropped", error=str(error))
             for waiter in waiters:
-                if error is None:
-                    waiter.set_result(None)
-                else:
-                    waiter.set_exception(StoreError(f"flush failed: {error}"))
+                waiter.settle(None if error is None else StoreError(f"flush failed: {error}"))
             self._flush_log()
 
         self._in_thread(os.fdatasync, self._wal_fd, then=flushed)

@@ -15,6 +15,7 @@ import pytest
 
 from kmsclient.session import KmsConnection, base_request
 from kmsd import admin
+from kmsd.commit import Commit
 from kmsd.host import HostPolicy
 from kmsd.protocol.kms import BaseRequest, encode_request
 from kmsd.protocol.products import products
@@ -420,3 +421,26 @@ async def test_history_of_clients_gone_for_long_is_pruned(tmp_path: Path) -> Non
     await asyncio.wait_for(keep.barrier(), 10)
     await keep.close()
     assert len(rows(tmp_path / "keep.db", "SELECT client FROM clients")) == 3
+
+
+async def test_a_commit_runs_its_callbacks_at_once_and_can_be_awaited() -> None:
+    commit, seen = Commit(), []
+
+    def broken(_: Commit) -> None:
+        raise RuntimeError("a waiter's bug")
+
+    commit.add_done_callback(lambda c: seen.append(("first", c.exception())))
+    commit.add_done_callback(broken)
+    commit.add_done_callback(lambda c: seen.append(("third", c.exception())))
+    waiter = asyncio.ensure_future(asyncio.wait_for(commit, 10))
+    await asyncio.sleep(0)  # the waiter is waiting
+    assert not commit.done() and not seen
+    commit.settle()
+    assert seen == [("first", None), ("third", None)]  # in this very call, despite `broken`
+    await waiter
+    commit.add_done_callback(lambda c: seen.append(("late", c.exception())))
+    assert seen[-1] == ("late", None)  # a settled commit calls back at once
+    failed = Commit()
+    failed.settle(StoreError("disk full"))
+    with pytest.raises(StoreError, match="disk full"):
+        await failed
