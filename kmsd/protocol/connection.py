@@ -205,6 +205,8 @@ class ServerConnection:
 
     def pending_bytes(self) -> int:
         """Bytes received but not yet handled (a PDU still arriving)."""
+        if not self._partials:
+            return len(self._buffer)
         return len(self._buffer) + sum(p.size for p in self._partials.values())
 
     def close(self) -> None:
