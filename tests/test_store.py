@@ -444,3 +444,22 @@ async def test_a_commit_runs_its_callbacks_at_once_and_can_be_awaited() -> None:
     failed.settle(StoreError("disk full"))
     with pytest.raises(StoreError, match="disk full"):
         await failed
+
+
+async def test_a_failed_log_flush_drops_its_replies_and_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def fdatasync(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    store = SqliteStore(str(tmp_path / "kmsd.db"), known=KNOWN, synchronous="full")
+    store.start(asyncio.get_running_loop())
+    store.count(request(), NOW, "a")
+    with pytest.raises(StoreError, match=r"flush failed: .*Input/output error"):
+        await asyncio.wait_for(store.barrier(), 10)
+    assert store.failures == 1 and not store.commit_ok  # /readyz reports it
+    monkeypatch.undo()
+    store.count(request(), NOW + 1, "a")
+    await asyncio.wait_for(store.barrier(), 10)  # the disk is back: replies flow again
+    await store.close()
