@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ipaddress
+import itertools
 import json
 import math
 import multiprocessing
@@ -597,12 +598,24 @@ def _ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}x" if a is not None and b else "-"
 
 
+def median_cells(runs: list[list[Cell]]) -> list[Cell]:
+    """For each cell, the round whose server CPU per activation is the median (the lower
+    one of an even number); a round without a CPU figure counts as the slowest."""
+    chosen = []
+    for same_cell in zip(*runs, strict=True):
+        ordered = sorted(same_cell, key=lambda c: math.inf if c.cpu_us is None else c.cpu_us)
+        chosen.append(ordered[(len(ordered) - 1) // 2])
+    return chosen
+
+
 def print_tables(results: list[tuple[Target, list[Cell]]], meta: dict[str, Any]) -> None:
     print(
         f"concurrency {meta['concurrency']} on {meta['workers']} load worker process(es), "
         f"{meta['cpus']} CPUs; per cell at most {meta['duration']:g} s and "
         f"{meta['max_activations']} activations; every {meta['verify_every']}th reply verified"
     )
+    if meta["rounds"] > 1:
+        print(f"each cell: the round with the median srv µs/act of {meta['rounds']} rounds")
     print(
         "srv µs/act = server CPU per activation ("
         + ("perf stat task-clock, follows threads and forks" if meta["perf"] else "/proc")
@@ -731,6 +744,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--warmup", type=int, default=50, help="untimed activations per version before the cells"
     )
     load.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run every server this many times, in turn (A B A B ...), and report for each "
+        "cell the round with the median server CPU: steadier figures on a noisy machine",
+    )
+    load.add_argument(
         "--quick",
         action="store_true",
         help="smoke run: 0.5 s and at most 300 activations per cell, small pools",
@@ -750,7 +770,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.max_activations = min(args.max_activations, 300)
         args.pool = min(args.pool, 32)
         args.warmup = min(args.warmup, 10)
-    for name in ("concurrency", "duration", "max_activations", "verify_every", "pool", "timeout"):
+    for name in (
+        "concurrency",
+        "duration",
+        "max_activations",
+        "verify_every",
+        "pool",
+        "timeout",
+        "rounds",
+    ):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be greater than 0")
     if args.pid is not None and args.connect is None:
@@ -787,10 +815,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "live descendants (ppid walk of /proc/*/stat); perf: perf stat -e task-clock -p PID",
         "cpus": os.cpu_count(),
     }
+    meta["rounds"] = args.rounds
     workers = Workers(workers_n, versions, pool_size)
-    results: list[tuple[Target, list[Cell]]] = []
+    rounds: list[list[list[Cell]]] = [[] for _ in targets]  # per target, per round
     try:
-        for target in targets:
+        for _, (index, target) in itertools.product(range(args.rounds), enumerate(targets)):
             if target.command is not None:
                 start(target, args.startup_timeout)
             elif not port_open(target.host, target.port):
@@ -815,12 +844,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                     print(server_output(target), file=sys.stderr)
             finally:
                 stop(target)
-            results.append((target, cells))
+            rounds[index].append(cells)
     finally:
         workers.close()
         for target in targets:
             stop(target)
 
+    results = [(target, median_cells(runs)) for target, runs in zip(targets, rounds, strict=True)]
     if args.json:
         doc = {
             "config": meta,

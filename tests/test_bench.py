@@ -26,3 +26,39 @@ def test_quick_benchmark_runs_every_cell_without_errors() -> None:
     for cell in cells.values():
         assert cell["activations"] > 0 and cell["errors"] == {}
         assert cell["verified"] > 0 and cell["cpu_us"] > 0 and cell["peak_rss_kib"] > 0
+
+
+def test_median_round_is_chosen_per_cell() -> None:
+    sys.path.insert(0, str(BENCH.parent.parent))
+    from bench.activations import Cell, median_cells
+
+    def cell(mode: str, cpu: float | None) -> Cell:
+        return Cell(
+            version=6,
+            mode=mode,
+            activations=1,
+            attempts=1,
+            seconds=1.0,
+            rate=1.0,
+            cpu_us=cpu,
+            proc_cpu_us=cpu,
+            perf_cpu_us=None,
+            client_cpu_us=1.0,
+            machine_busy=0.5,
+            machine_steal=0.0,
+            p50_ms=1.0,
+            p99_ms=1.0,
+            peak_rss_kib=1,
+            verified=1,
+            errors={},
+            warnings={},
+        )
+
+    rounds = [
+        [cell("keep", 30.0), cell("new", 300.0)],
+        [cell("keep", 10.0), cell("new", None)],  # no CPU figure: counts as the slowest
+        [cell("keep", 20.0), cell("new", 100.0)],
+    ]
+    keep, new = median_cells(rounds)
+    assert (keep.cpu_us, new.cpu_us) == (20.0, 300.0)
+    assert [c.cpu_us for c in median_cells(rounds[:2])] == [10.0, 300.0]  # the lower median
