@@ -67,10 +67,10 @@ def plain_console(_: object, __: str, event: structlog.typing.EventDict) -> str:
     """The layout of structlog's ConsoleRenderer without colours (for a file, a pipe or
     the journal), at a fifth of its cost: one line per activation is the hot path."""
     head = f"{event.pop('timestamp', '')} [{event.pop('level', ''):<9}]"
-    name = event.pop("event", "")
+    name = str(event.pop("event", ""))
     exception = event.pop("exception", None)
     pairs = [f"{key}={_value(event[key])}" for key in sorted(event)]
-    line = " ".join([head, f"{name:<30}" if pairs else str(name), *pairs]).rstrip(" ")
+    line = " ".join([head, f"{name:<30}" if pairs else name, *pairs]).rstrip(" ")
     return f"{line}\n{exception}" if exception is not None else line
 
 

@@ -28,7 +28,7 @@ events = st.fixed_dictionaries(
     {
         "timestamp": st.just("2026-11-29T02:55:38.287292Z"),
         "level": st.sampled_from(["debug", "info", "warning", "error"]),
-        "event": texts,
+        "event": texts | st.integers() | st.dictionaries(st.text(max_size=3), st.integers()),
     },
     optional={"exception": texts},
 ).flatmap(
