@@ -230,6 +230,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("cannot start", error=str(exc))
         systemd.notify(f"STATUS=cannot start: {exc}")
         return 1
+    # Stopped cleanly; the closed loop gave SIGTERM back its default action, and a second
+    # SIGTERM while the interpreter exits must not turn that into death by signal.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     return 0
 
 

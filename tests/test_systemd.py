@@ -118,6 +118,7 @@ def test_kmsd_notifies_ready_watchdog_and_stopping(
         kmsd.process.send_signal(signal.SIGTERM)
         stopping = receive_until(sock, "STOPPING=1")[-1]
         assert "STATUS=stopping" in stopping.splitlines()
+        assert kmsd.process.wait(timeout=TIMEOUT) == 0  # one SIGTERM is enough
     finally:
         assert stop_kmsd(kmsd) == 0
 
