@@ -95,19 +95,18 @@ class KmsServer:
         loop = asyncio.get_running_loop()
         for sock in sockets:
             self._servers.append(
-                await loop.create_server(
-                    lambda: _KmsProtocol(self), sock=sock, start_serving=serving
-                )
+                await loop.create_server(_factory(self, sock), sock=sock, start_serving=serving)
             )
         for host, port in () if sockets else self.settings.listen:
             try:
                 if _is_ip(host):
+                    sock = _listen(host, port)
                     server = await loop.create_server(
-                        lambda: _KmsProtocol(self), sock=_listen(host, port), start_serving=serving
+                        _factory(self, sock), sock=sock, start_serving=serving
                     )
                 else:
                     server = await loop.create_server(
-                        lambda: _KmsProtocol(self),
+                        lambda: _KmsProtocol(self, None),
                         host,
                         port,
                         reuse_address=True,
@@ -164,6 +163,13 @@ class KmsServer:
             self._all_closed.set()
 
 
+def _factory(server: KmsServer, sock: socket.socket) -> Callable[[], _KmsProtocol]:
+    """Protocols for the connections of one listening socket, which know its port (the
+    secondary address of bind_ack) without a getsockname() per connection."""
+    port = sock.getsockname()[1]
+    return lambda: _KmsProtocol(server, port)
+
+
 def _is_ip(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
@@ -193,8 +199,10 @@ def _listen(ip: str, port: int) -> socket.socket:
 class _KmsProtocol(asyncio.Protocol):
     transport: asyncio.Transport
 
-    def __init__(self, server: KmsServer) -> None:
+    def __init__(self, server: KmsServer, port: int | None) -> None:
+        """`port`: the listening socket's, when known (else asked of each connection)."""
         self.server = server
+        self.port = port
         self.conn: ServerConnection | None = None
         self.peer = "?"
         self.address = "?"
@@ -222,7 +230,7 @@ class _KmsProtocol(asyncio.Protocol):
         server.metrics.accepted += 1
         settings = server.settings
         self.conn = ServerConnection(
-            port=transport.get_extra_info("sockname")[1],
+            port=self.port or transport.get_extra_info("sockname")[1],
             groups=server.groups,
             ndr64=settings.ndr64,
             btfn=settings.btfn,
