@@ -33,3 +33,12 @@ def parse_ip_port(text: str, default_port: int, what: str) -> tuple[str, int]:
         return str(ipaddress.ip_address(host)), port
     except ValueError:
         raise ValueError(f"{text!r}: {what} is given by its IP address") from None
+
+
+def is_ip(host: str) -> bool:
+    """An IPv4 or IPv6 address (not a name)."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True

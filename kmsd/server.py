@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import os
 import socket
@@ -15,7 +14,7 @@ from typing import Any, Protocol, cast
 
 import structlog
 
-from .addresses import join_host_port
+from .addresses import is_ip, join_host_port
 from .commit import Commit
 from .host import KmsHost
 from .limits import Admission, Network
@@ -99,7 +98,7 @@ class KmsServer:
             )
         for host, port in () if sockets else self.settings.listen:
             try:
-                if _is_ip(host):
+                if is_ip(host):
                     sock = _listen(host, port)
                     server = await loop.create_server(
                         _factory(self, sock), sock=sock, start_serving=serving
@@ -168,14 +167,6 @@ def _factory(server: KmsServer, sock: socket.socket) -> Callable[[], _KmsProtoco
     secondary address of bind_ack) without a getsockname() per connection."""
     port = sock.getsockname()[1]
     return lambda: _KmsProtocol(server, port)
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 def _listen(ip: str, port: int) -> socket.socket:

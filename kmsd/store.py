@@ -356,8 +356,7 @@ class SqliteStore:
             self._capacity.pop(stale, None)
             items += reset_sql(str(stale))
         items.append(_Change(key, row, dropped, capacity))
-        if self._scheduled is None:
-            self._schedule()
+        self._schedule()
         return count
 
     def barrier(self) -> Commit:
@@ -366,8 +365,7 @@ class SqliteStore:
         assert self._loop is not None, "start() the store first"
         if self._waiting is None:
             self._waiting = Commit()
-        if self._scheduled is None:
-            self._schedule()
+        self._schedule()
         return self._waiting
 
     def read(self, query: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
@@ -418,8 +416,8 @@ class SqliteStore:
         this turn and the next is one transaction (group commit), and no reply waits for
         another thread. The extra turn polls without blocking; under load it gathers the
         requests that arrived meanwhile (new connections: about 1.5 -> 2.7 per commit)."""
-        if self._loop is None:
-            return  # start() schedules what was counted before it
+        if self._loop is None or self._scheduled is not None:
+            return  # not started (start() schedules it), or already scheduled
         if delay:
             self._scheduled = self._loop.call_later(delay, self._commit_group)
         else:
@@ -601,8 +599,7 @@ class SqliteStore:
         )
         log.info("admin command applied", command=verb, argument=argument, records=affected)
         self._items += sql
-        if self._scheduled is None:
-            self._schedule()
+        self._schedule()
 
 
 def reset_sql(application: str) -> list[Statement]:

@@ -30,7 +30,7 @@ from urllib.parse import parse_qs, quote, urlsplit
 import structlog
 
 from . import __version__
-from .addresses import join_host_port
+from .addresses import is_ip, join_host_port
 from .admin import app_name, read_clients, read_stats, resolve_app
 from .cache import MemoryCounter
 from .metrics import UNKNOWN, publisher_state
@@ -254,13 +254,7 @@ class AdminServer:
             if name.strip().lower() == "host":
                 host = value.strip()
                 host = host[1 : host.find("]")] if host.startswith("[") else host.split(":")[0]
-                if host.lower() == "localhost":
-                    return True
-                try:
-                    ipaddress.ip_address(host)
-                except ValueError:
-                    return False
-                return True
+                return host.lower() == "localhost" or is_ip(host)
         return True  # HTTP/1.0 without Host: not a browser
 
     # Pages ----------------------------------------------------------------------------
