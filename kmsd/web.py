@@ -23,7 +23,7 @@ import time
 from base64 import b64encode
 from collections.abc import Callable
 from dataclasses import asdict
-from importlib.resources import files
+from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, quote, urlsplit
 
@@ -102,7 +102,7 @@ def _json(value: Any, status: int = 200) -> Response:
 def _page() -> tuple[bytes, str]:
     """The status page, and its Content-Security-Policy (its inline script and style by
     hash: nothing else runs, nothing is loaded from elsewhere)."""
-    page = files("kmsd").joinpath("status.html").read_bytes()
+    page = Path(__file__).with_name("status.html").read_bytes()
     hashes = {}
     for tag in ("script", "style"):
         start = page.index(f"<{tag}>".encode()) + len(tag) + 2

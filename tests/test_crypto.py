@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import site
 import subprocess
 import sys
 import threading
@@ -390,6 +391,25 @@ def test_the_daemon_does_not_load_cryptography_when_compiled() -> None:
         env={**env, "KMSD_PURE_PYTHON": "1"},
     )
     assert pure.stdout.split() == ["Aes", "True"], pure.stderr
+
+
+def test_the_daemon_reads_its_data_files_without_importlib_resources() -> None:
+    """importlib.resources brings tempfile, shutil and zipfile (about 0.7 MiB resident)
+    for two files that lie beside the modules in any install kmsd supports."""
+    code = (
+        "import sys, kmsd.cli, kmsd.web;"
+        "from kmsd.protocol.products import products; products(); kmsd.web._page();"
+        "print(sorted({'importlib.resources', 'tempfile'} & set(sys.modules)))"
+    )
+    # -S: without the .pth files of this machine's site-packages, which may import them
+    path = os.pathsep.join([str(ROOT), *site.getsitepackages()])
+    out = subprocess.run(
+        [sys.executable, "-S", "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": path},
+    )
+    assert out.stdout.split() == ["[]"], out.stdout + out.stderr
 
 
 def test_random_pool_hands_out_each_byte_once(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -10,7 +10,7 @@ import datetime as dt
 import json
 from dataclasses import dataclass
 from functools import cache
-from importlib import resources
+from pathlib import Path
 from typing import Any
 from uuid import UUID
 
@@ -124,5 +124,5 @@ def _rows(raw: dict[str, Any], key: str) -> list[dict[str, Any]]:
 @cache
 def products() -> ProductDatabase:
     """The database shipped with the package, loaded once."""
-    text = resources.files(__package__).joinpath("products.json").read_text("utf-8")
+    text = Path(__file__).with_name("products.json").read_text("utf-8")
     return ProductDatabase(json.loads(text))
