@@ -195,14 +195,15 @@ WHERE application = ? AND client = ? AND recorded_at IS NOT NULL
 
 def _write_changes(db: sqlite3.Connection, changes: list[_Change]) -> None:
     """Write a run of changes with one statement each kind, keeping their net effect:
-    a record dropped after its last write in the run leaves the table."""
+    a record dropped after its last write in the run leaves the table. Within one change
+    the drops come first: a client whose own record expired is recorded again."""
     db.executemany(_UPSERT_CLIENT, [c.row for c in changes])
     written = {c.key: i for i, c in enumerate(changes)}
     dropped: dict[tuple[str, str], int] = {}
     for i, change in enumerate(changes):
         for client in change.dropped:
             dropped[(change.key[0], str(client))] = i
-    gone = [key for key, i in dropped.items() if i >= written.get(key, -1)]
+    gone = [key for key, i in dropped.items() if i > written.get(key, -1)]
     if gone:
         db.executemany(_DROP, gone)
     capacities = {c.key[0]: c.capacity for c in changes if c.capacity}

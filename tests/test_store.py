@@ -7,11 +7,15 @@ import json
 import os
 import signal
 import sqlite3
+import tempfile
 import threading
 from pathlib import Path
+from typing import Any
 from uuid import UUID
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from kmsclient.session import KmsConnection, base_request
 from kmsd import admin
@@ -463,3 +467,69 @@ async def test_a_failed_log_flush_drops_its_replies_and_says_so(
     store.count(request(), NOW + 1, "a")
     await asyncio.wait_for(store.barrier(), 10)  # the disk is back: replies flow again
     await store.close()
+
+
+# A restart finds the tables the daemon had: any history of requests, clocks and commands.
+
+CLIENTS = [UUID(int=i + 1) for i in range(6)]
+SKUS = ("Windows 10/11 Enterprise", "Office LTSC Professional Plus 2021")
+STEPS = (0.0, 1.0, 3600.0, 20 * DAY, 31 * DAY, -7200.0, -40 * DAY)  # the clock may go back
+OPS = st.one_of(
+    st.tuples(
+        st.just("count"),
+        st.sampled_from(SKUS),
+        st.integers(0, len(CLIENTS) - 1),
+        st.integers(1, 3),  # required count: tables of 2, 4, 6 records, growing
+        st.sampled_from(STEPS),
+    ),
+    st.tuples(st.just("forget"), st.integers(0, len(CLIENTS) - 1)),
+    st.tuples(st.just("reset"), st.sampled_from(("", *SKUS))),
+    st.tuples(st.just("commit")),
+    st.tuples(st.just("restart")),
+)
+
+
+def tables(store: SqliteStore) -> dict[UUID, tuple[int, list[tuple[UUID, float]]]]:
+    return {
+        app: (table.capacity, list(table.records.items()))
+        for app, table in store.counter.tables.items()
+        if table.records or table.capacity
+    }
+
+
+async def replay(path: str, ops: list[tuple[Any, ...]]) -> None:
+    store = SqliteStore(path, known=KNOWN)
+    store.start(asyncio.get_running_loop())
+    now, command = NOW, 0
+    for op in ops:
+        if op[0] == "count":
+            _, sku, client, required, step = op
+            now += step
+            r = request(sku, client_machine_id=CLIENTS[client], required_count=required)
+            store.count(r, now, "127.0.0.1:1")
+        elif op[0] in ("forget", "reset"):
+            command += 1
+            if op[0] == "forget":
+                argument = str(CLIENTS[op[1]])
+            else:
+                sku = DB.sku_by_name(op[1]) if op[1] else None
+                argument = str(sku.kms.application.id) if sku else ""
+            store._apply_command(command, op[0], argument)
+        elif op[0] == "commit":
+            await asyncio.wait_for(store.barrier(), 10)
+        else:
+            before = tables(store)
+            await store.close()
+            store = SqliteStore(path, known=KNOWN)
+            assert tables(store) == before
+            store.start(asyncio.get_running_loop())
+    before = tables(store)
+    await store.close()
+    assert tables(SqliteStore(path, known=KNOWN)) == before
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=st.lists(OPS, max_size=40))
+def test_a_restart_finds_the_tables_as_they_were(ops: list[tuple[Any, ...]]) -> None:
+    with tempfile.TemporaryDirectory() as directory:
+        asyncio.run(replay(os.path.join(directory, "kmsd.db"), ops))
