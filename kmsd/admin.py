@@ -69,11 +69,11 @@ def read_clients(
 ) -> list[ClientRow]:
     rows = db.execute(
         """
-        SELECT application, client, recorded_at, workstation, sku, kms_id, protocol,
+        SELECT application, client, r.recorded_at, workstation, sku, kms_id, protocol,
                address, requests
-        FROM clients
-        WHERE recorded_at IS NOT NULL AND (?1 IS NULL OR application = ?1)
-        ORDER BY application, seq
+        FROM records AS r JOIN clients USING (application, client)
+        WHERE ?1 IS NULL OR application = ?1
+        ORDER BY application, r.seq
         """,
         (application,),
     ).fetchall()
@@ -157,10 +157,13 @@ def change(path: str, verb: str, argument: str) -> int:
             db.execute("BEGIN IMMEDIATE")
             if verb == "forget":
                 removed = db.execute(
+                    "SELECT count(*) FROM records WHERE client = ?", (argument,)
+                ).fetchone()[0]
+                db.execute(
                     "UPDATE clients SET recorded_at = NULL, seq = NULL "
                     "WHERE client = ? AND recorded_at IS NOT NULL",
                     (argument,),
-                ).rowcount
+                )
             else:
                 where = "WHERE application = ?" if argument else ""
                 removed = db.execute(

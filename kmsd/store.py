@@ -22,6 +22,7 @@ import fcntl
 import os
 import sqlite3
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +39,7 @@ log = structlog.get_logger("kmsd.store")
 T = TypeVar("T")
 
 MEMORY = ":memory:"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # MIGRATIONS[n] takes a database from schema n - 1 to schema n.
 MIGRATIONS: dict[int, str] = {
     1: """
@@ -80,6 +81,17 @@ MIGRATIONS: dict[int, str] = {
     # every count moved a client's entry in it, doubling the pages each commit writes.
     2: """
     DROP INDEX clients_in_table;
+    """,
+    # Records leave a table mostly at its oldest end (eviction, expiry): raising the
+    # application's low_seq takes them out without writing their rows, a page less per
+    # activation once the table is full. Other records leave by recorded_at = NULL.
+    3: """
+    ALTER TABLE apps ADD COLUMN low_seq INTEGER NOT NULL DEFAULT 0;
+    DROP VIEW records;
+    CREATE VIEW records AS
+        SELECT c.application, c.client, c.recorded_at, c.seq
+        FROM clients AS c LEFT JOIN apps AS a ON a.application = c.application
+        WHERE c.recorded_at IS NOT NULL AND c.seq > coalesce(a.low_seq, 0);
     """,
 }
 OUR_TABLES = {"meta", "epids", "apps", "clients", "commands", "sqlite_sequence"}
@@ -164,12 +176,25 @@ def lock_file(path: str) -> IO[bytes] | None:
 @dataclass(slots=True)
 class _Change:
     """One request's effect on the database: the client's row (its last request and its
-    record in the table) and the records that left the table."""
+    record in the table), the records that left the table other than at its oldest end,
+    and the application's row when it changed."""
 
     key: tuple[str, str]  # application, client
     row: tuple[object, ...]  # values for _UPSERT_CLIENT
     dropped: list[UUID]
-    capacity: int | None  # the table's new capacity, when it changed
+    app: tuple[int, int] | None  # capacity, low_seq
+
+
+class _Written:
+    """What the database holds of one application's table: its capacity and its records
+    in the order of their seq, oldest first; rows with seq <= low have left the table."""
+
+    __slots__ = ("capacity", "low", "seqs")
+
+    def __init__(self, capacity: int = 0, low: int = 0) -> None:
+        self.capacity = capacity
+        self.low = low
+        self.seqs: OrderedDict[UUID, int] = OrderedDict()
 
 
 Statement = tuple[str, tuple[object, ...]]
@@ -206,11 +231,12 @@ def _write_changes(db: sqlite3.Connection, changes: list[_Change]) -> None:
     gone = [key for key, i in dropped.items() if i > written.get(key, -1)]
     if gone:
         db.executemany(_DROP, gone)
-    capacities = {c.key[0]: c.capacity for c in changes if c.capacity}
-    if capacities:
+    apps = {c.key[0]: c.app for c in changes if c.app}
+    if apps:
         db.executemany(
-            "INSERT OR REPLACE INTO apps (application, capacity) VALUES (?, ?)",
-            capacities.items(),
+            "INSERT INTO apps (application, capacity, low_seq) VALUES (?, ?, ?) ON CONFLICT "
+            "(application) DO UPDATE SET capacity = excluded.capacity, low_seq = excluded.low_seq",
+            [(app, *values) for app, values in apps.items()],
         )
 
 
@@ -249,7 +275,7 @@ class SqliteStore:
         self.db.execute(f"PRAGMA busy_timeout={BUSY_MS}")
         self.db.execute("PRAGMA wal_autocheckpoint=0")  # checkpoints run in a thread
         self.counter = MemoryCounter(known, lifetime, fixed_capacity=fixed_capacity)
-        self._capacity: dict[UUID, int] = {}
+        self._written: dict[UUID, _Written] = {}
         self._text: dict[UUID, str] = {}  # str() of the few application/SKU/KMS IDs
         self._load()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -271,14 +297,19 @@ class SqliteStore:
 
     def _load(self) -> None:
         counter = self.counter
-        for app, capacity in self.db.execute("SELECT application, capacity FROM apps"):
+        written = self._written
+        for app, capacity, low in self.db.execute(
+            "SELECT application, capacity, low_seq FROM apps"
+        ):
             table = counter.table(UUID(app))
             table.capacity = counter.fixed_capacity or capacity
-            self._capacity[UUID(app)] = capacity
-        for app, client, recorded_at in self.db.execute(
-            "SELECT application, client, recorded_at FROM records ORDER BY seq"
+            written[UUID(app)] = _Written(capacity, low)
+        for app, client, recorded_at, seq in self.db.execute(
+            "SELECT application, client, recorded_at, seq FROM records ORDER BY seq"
         ):
-            counter.table(UUID(app)).records[UUID(client)] = recorded_at
+            application, cmid = UUID(app), UUID(client)
+            counter.table(application).records[cmid] = recorded_at
+            written.setdefault(application, _Written()).seqs[cmid] = seq
         for table in counter.tables.values():
             table.sort()  # written in order, but the clock may have gone back meanwhile
         last = self.db.execute("SELECT max(seq) FROM clients").fetchone()[0]
@@ -332,9 +363,22 @@ class SqliteStore:
         count = table.record(request.client_machine_id, request.required_count, now, dropped)
         if now > self._latest:
             self._latest = now
-        capacity = None
-        if self._capacity.get(app) != table.capacity:
-            capacity = self._capacity[app] = table.capacity
+        written = self._written.get(app)
+        if written is None:
+            written = self._written[app] = _Written()
+        seqs, low, explicit = written.seqs, written.low, []
+        for client in dropped:  # mostly the oldest record: then low_seq takes it out
+            if next(iter(seqs)) == client:
+                written.low = seqs.popitem(last=False)[1]
+            else:
+                del seqs[client]
+                explicit.append(client)
+        seqs[request.client_machine_id] = self._seq
+        seqs.move_to_end(request.client_machine_id)
+        app_row = None
+        if written.low != low or written.capacity != table.capacity:
+            written.capacity = table.capacity
+            app_row = (table.capacity, written.low)
         key = (self._str(app), str(request.client_machine_id))
         row = (
             *key,
@@ -354,9 +398,9 @@ class SqliteStore:
         self._seq += 1
         items = self._items
         for stale in evicted_tables:
-            self._capacity.pop(stale, None)
+            self._written.pop(stale, None)
             items += reset_sql(str(stale))
-        items.append(_Change(key, row, dropped, capacity))
+        items.append(_Change(key, row, explicit, app_row))
         self._schedule()
         return count
 
@@ -549,7 +593,9 @@ class SqliteStore:
         try:
             with self._transaction():
                 gone = self.db.execute(
-                    "DELETE FROM clients WHERE recorded_at IS NULL AND last_seen < ?", (before,)
+                    "DELETE FROM clients WHERE last_seen < ? AND (application, client) "
+                    "NOT IN (SELECT application, client FROM records)",
+                    (before,),
                 ).rowcount
         except sqlite3.Error as exc:
             log.error("cannot prune the client history", error=str(exc))
@@ -584,6 +630,7 @@ class SqliteStore:
             client = UUID(argument)
             for app, table in self.counter.tables.items():
                 if table.records.pop(client, None) is not None:
+                    self._written[app].seqs.pop(client)
                     affected += 1
                     sql.append((_DROP, (str(app), argument)))
         elif verb == "reset":
@@ -593,7 +640,7 @@ class SqliteStore:
                     affected += len(emptied.records)
                     emptied.records.clear()
                     emptied.capacity = emptied.fixed_capacity or 0
-                self._capacity.pop(app, None)
+                self._written.pop(app, None)
             sql += reset_sql(argument)
         sql.append(
             ("UPDATE commands SET done = 1, result = ? WHERE id = ?", (affected, command_id))

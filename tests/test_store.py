@@ -93,12 +93,15 @@ async def test_restart_keeps_counts_capacity_order_and_identity(tmp_path: Path) 
     assert len(rows(Path(path), "SELECT client FROM records")) == 3
 
 
-async def test_a_schema_1_database_is_migrated_with_its_records(tmp_path: Path) -> None:
+@pytest.mark.parametrize("old", [1, 2])
+async def test_an_older_database_is_migrated_with_its_records(tmp_path: Path, old: int) -> None:
     path = tmp_path / "kmsd.db"
     assert WIN is not None
     app, client = str(WIN.kms.application.id), "5e1f5c6e-4b1c-4f1e-9d55-0123456789ab"
-    with sqlite3.connect(path) as db:  # what a kmsd with schema 1 left behind
-        db.executescript(f"{MIGRATIONS[1]}; PRAGMA user_version=1;")
+    with sqlite3.connect(path) as db:  # what an older kmsd left behind
+        for step in range(1, old + 1):
+            db.executescript(MIGRATIONS[step])
+        db.execute(f"PRAGMA user_version={old}")
         db.execute(
             "INSERT INTO clients VALUES (?, ?, 'ws', 's', 'k', '6.0', 25, 0, 2, 'a', ?, ?, 3, ?,"
             " ?)",
@@ -106,7 +109,8 @@ async def test_a_schema_1_database_is_migrated_with_its_records(tmp_path: Path) 
         )
         db.execute("INSERT INTO apps VALUES (?, 50)", (app,))
     store = SqliteStore(str(path), known=KNOWN)
-    assert store.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    assert store.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+    assert rows(path, "SELECT capacity, low_seq FROM apps") == [(50, 0)]
     assert rows(path, "SELECT name FROM sqlite_master WHERE type = 'index' AND sql NOT NULL") == []
     table = store.counter.tables[WIN.kms.application.id]
     assert (list(table.records), table.capacity) == ([UUID(client)], 50)
@@ -402,6 +406,46 @@ async def test_replies_wait_for_the_log_flush_only_in_full_mode(
         await asyncio.wait_for(later, 10)  # the next flush takes the commit made meanwhile
         assert len(flushed) == 2
     release.set()
+    await store.close()
+
+
+async def test_an_eviction_at_the_oldest_end_writes_no_row_of_the_evicted(
+    tmp_path: Path,
+) -> None:
+    """A full table evicts on every new client: the record leaves by the application's
+    low_seq, so a commit writes the new client's row and the application's, not the
+    evicted client's. A record leaving elsewhere (the clock went back) is written."""
+    path = tmp_path / "kmsd.db"
+    store = SqliteStore(str(path), known=KNOWN, fixed_capacity=2)
+    store.start(asyncio.get_running_loop())
+    a, b, c, d = (request() for _ in range(4))
+    for i, r in enumerate((a, b)):
+        store.count(r, NOW + i, "x")
+    await asyncio.wait_for(store.barrier(), 10)
+    changes = store.db.total_changes
+    store.count(c, NOW + 2, "x")  # evicts a, the oldest
+    await asyncio.wait_for(store.barrier(), 10)
+    assert store.db.total_changes - changes == 2  # c's row, the application's
+    evicted = f"SELECT recorded_at FROM clients WHERE client = '{a.client_machine_id}'"
+    assert rows(path, evicted) == [(NOW,)]  # as it was: only low_seq moved past it
+    in_table = {r[0] for r in rows(path, "SELECT client FROM records")}
+    assert in_table == {str(b.client_machine_id), str(c.client_machine_id)}
+    # The clock goes back: d evicts b and is recorded as older than c, so the table
+    # (oldest first by time) is d, c while their seqs are in the order c, d. The next
+    # client evicts d, which is not the oldest by seq: its row is written.
+    store.count(d, NOW - 10, "x")
+    store.count(e := request(), NOW + 3, "x")
+    await asyncio.wait_for(store.barrier(), 10)
+    assert list(store.counter.tables[a.application_id].records) == [
+        c.client_machine_id,
+        e.client_machine_id,
+    ]
+    assert rows(path, "SELECT client FROM records ORDER BY seq") == [
+        (str(c.client_machine_id),),
+        (str(e.client_machine_id),),
+    ]
+    dropped = f"SELECT recorded_at FROM clients WHERE client = '{d.client_machine_id}'"
+    assert rows(path, dropped) == [(None,)]
     await store.close()
 
 
