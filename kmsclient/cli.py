@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any, TextIO
 
 from kmsd import __version__
+from kmsd.pipe import quiet_on_broken_pipe
 from kmsd.protocol.kms import BaseRequest
 from kmsd.protocol.products import Sku, products
 
@@ -406,6 +407,7 @@ async def _load(args: argparse.Namespace, out: TextIO) -> int:
     return int(run.status)
 
 
+@quiet_on_broken_pipe
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     """Run the command line; results go to `out` (stdout), errors to stderr."""
     out = out or sys.stdout

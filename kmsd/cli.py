@@ -19,6 +19,7 @@ from . import __version__, admin, config, logs, privileges, reload, systemd
 from .addresses import join_host_port
 from .clock import FileClock
 from .host import HostIdentity, KmsHost
+from .pipe import quiet_on_broken_pipe
 from .protocol.products import products
 from .server import KmsServer, ServerSettings
 from .store import MEMORY, SqliteStore, StoreError
@@ -183,6 +184,7 @@ def _start_publishing(
     return publisher
 
 
+@quiet_on_broken_pipe
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "dns-serve":
