@@ -28,6 +28,24 @@ def test_quick_benchmark_runs_every_cell_without_errors() -> None:
         assert cell["verified"] > 0 and cell["cpu_us"] > 0 and cell["peak_rss_kib"] > 0
 
 
+def test_the_floor_server_answers_genuine_replies() -> None:
+    """bench/floor.py (the loop's and kernel's cost alone) must stay a server whose
+    replayed replies the benchmark verifies."""
+    floor = f"{sys.executable} {BENCH.parent / 'floor.py'} {{port}}"
+    result = subprocess.run(
+        [sys.executable, str(BENCH), "--quick", "--no-perf", "--json", "--server-cmd", floor],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    (server,) = json.loads(result.stdout)["servers"]
+    assert len(server["cells"]) == 6
+    for cell in server["cells"]:
+        assert cell["activations"] > 0 and cell["errors"] == {} and cell["verified"] > 0
+
+
 def test_median_round_is_chosen_per_cell() -> None:
     sys.path.insert(0, str(BENCH.parent.parent))
     from bench.activations import Cell, median_cells
