@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kmsd.cache import MemoryCounter
-from kmsd.cli import run
+from kmsd.eventloop import CHOICES, run_on_loop
 from kmsd.host import HostIdentity, KmsHost
 from kmsd.protocol.connection import (
     AssociationGroups,
@@ -116,9 +116,9 @@ async def serve(port: int) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("port", type=int, help="TCP port on 127.0.0.1")
-    p.add_argument("--loop", choices=("auto", "uvloop", "asyncio"), default="auto")
+    p.add_argument("--loop", choices=CHOICES, default="auto")
     args = p.parse_args(argv)
-    run(serve(args.port), args.loop)
+    run_on_loop(serve(args.port), args.loop)
     return 0
 
 

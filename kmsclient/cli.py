@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from typing import Any, TextIO
 
 from kmsd import __version__
+from kmsd.eventloop import CHOICES as LOOPS
+from kmsd.eventloop import run_on_loop, uvloop_installed
 from kmsd.pipe import quiet_on_broken_pipe
 from kmsd.protocol.kms import BaseRequest
 from kmsd.protocol.products import Sku, products
@@ -29,8 +31,6 @@ from .load import (
     LoadSpec,
     progress_stream,
     run_load,
-    run_on_loop,
-    uvloop_installed,
 )
 from .outcome import Status
 from .session import NIL_UUID, BindOptions, base_request, prepare
@@ -253,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     load.add_argument(
         "--loop",
-        choices=("auto", "uvloop", "asyncio"),
+        choices=LOOPS,
         default="auto",
         help="event loop: uvloop (faster; pip install 'kmsd[fast]'), asyncio's own, or "
         "auto: uvloop when installed (default: auto)",

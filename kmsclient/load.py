@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import math
 import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TextIO, TypeVar
+from typing import Any, TextIO
 
 from kmsd.protocol.kms import BaseRequest
 
@@ -34,7 +33,6 @@ MAX_CLIENTS = 100_000
 PROGRESS_EVERY = 0.2  # seconds between progress line updates
 SEVERITY = (Status.NOT_GENUINE, Status.REFUSED, Status.UNREACHABLE)
 
-T = TypeVar("T")
 MakeRequest = Callable[[int, uuid.UUID, int], BaseRequest]  # protocol, CMID, client index
 
 
@@ -286,20 +284,6 @@ async def run_load(
         if isinstance(outcome, Exception):
             raise outcome  # a bug in the client, not something the host did
     return report
-
-
-def uvloop_installed() -> bool:
-    return importlib.util.find_spec("uvloop") is not None
-
-
-def run_on_loop(main: Coroutine[Any, Any, T], loop: str = "auto") -> T:
-    """Run `main` on uvloop when asked to ("auto": when it is installed; it takes about a
-    fifth less client CPU per exchange), else on asyncio's own loop."""
-    if loop != "asyncio" and uvloop_installed():
-        import uvloop
-
-        return uvloop.run(main)
-    return asyncio.run(main)
 
 
 def progress_stream() -> TextIO | None:

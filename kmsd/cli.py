@@ -9,7 +9,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +18,7 @@ import structlog
 from . import __version__, admin, config, logs, privileges, reload, systemd
 from .addresses import join_host_port
 from .clock import FileClock
+from .eventloop import run_on_loop, uvloop_installed
 from .host import HostIdentity, KmsHost
 from .pipe import quiet_on_broken_pipe
 from .protocol.products import products
@@ -226,8 +227,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         ndr64=args.ndr64,
         btfn=args.btfn,
     )
+    if args.loop == "uvloop" and not uvloop_installed():
+        log.error("cannot start", error="--loop uvloop: uvloop is not installed")
+        return 1
     try:
-        run(serve(args, settings, cli=given, effective=effective, sockets=inherited), args.loop)
+        run_on_loop(
+            serve(args, settings, cli=given, effective=effective, sockets=inherited), args.loop
+        )
     except (OSError, StoreError, privileges.PrivilegeError) as exc:
         log.error("cannot start", error=str(exc))
         systemd.notify(f"STATUS=cannot start: {exc}")
@@ -236,20 +242,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     # SIGTERM while the interpreter exits must not turn that into death by signal.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     return 0
-
-
-def run(main: Coroutine[Any, Any, None], loop: str) -> None:
-    """Run on uvloop when asked to ("auto": when it is installed), else on asyncio's loop."""
-    if loop != "asyncio":
-        try:
-            import uvloop
-        except ImportError:
-            if loop == "uvloop":
-                raise StoreError("--loop uvloop: uvloop is not installed") from None
-        else:
-            uvloop.run(main)
-            return
-    asyncio.run(main)
 
 
 def _ipv6_available() -> bool:

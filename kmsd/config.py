@@ -20,7 +20,9 @@ from uuid import UUID
 
 from .addresses import join_host_port, parse_ip_port, split_host_port
 from .cache import RECORD_LIFETIME
+from .eventloop import CHOICES as LOOPS
 from .host import DEFAULT_ACTIVATION_INTERVAL, DEFAULT_RENEWAL_INTERVAL
+from .privileges import find_user
 from .protocol.epid import parse_epid
 from .protocol.products import products
 from .store import MEMORY, default_path
@@ -38,10 +40,14 @@ class ConfigError(Exception):
 # Parsers: text in, value out, ValueError with a message that stands on its own.
 
 
+def _bind_address(text: str, default_port: int) -> tuple[str, int]:
+    host, port = split_host_port(text, default_port, min_port=0)
+    return host or "0.0.0.0", port
+
+
 def parse_listen(text: str) -> tuple[str, int]:
     """HOST:PORT, [IPv6]:PORT, HOST (port 1688) or :PORT (all IPv4 addresses)."""
-    host, port = split_host_port(text, DEFAULT_PORT, min_port=0)
-    return host or "0.0.0.0", port
+    return _bind_address(text, DEFAULT_PORT)
 
 
 def show_listen(value: tuple[str, int]) -> str:
@@ -50,8 +56,7 @@ def show_listen(value: tuple[str, int]) -> str:
 
 def parse_admin(text: str) -> tuple[str, int]:
     """The admin endpoint: HOST:PORT, [IPv6]:PORT, or HOST alone (port 9688)."""
-    host, port = split_host_port(text, DEFAULT_ADMIN_PORT, min_port=0)
-    return host or "0.0.0.0", port
+    return _bind_address(text, DEFAULT_ADMIN_PORT)
 
 
 def parse_hwid(text: str) -> bytes:
@@ -113,15 +118,8 @@ def parse_address(text: str) -> str:
 
 def parse_user(text: str) -> str:
     """A user name (or numeric ID) of this system's password database."""
-    import pwd
-
-    try:
-        if text.isdigit():
-            pwd.getpwuid(int(text))
-        else:
-            pwd.getpwnam(text)
-    except KeyError:
-        raise ValueError(f"{text!r}: no such user") from None
+    if find_user(text) is None:
+        raise ValueError(f"{text!r}: no such user")
     return text
 
 
@@ -286,7 +284,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "loop",
         "network",
-        one_of("auto", "uvloop", "asyncio"),
+        one_of(*LOOPS),
         "auto",
         "event loop: uvloop (faster; pip install 'kmsd[fast]'), asyncio's own, or auto: uvloop "
         "when installed",

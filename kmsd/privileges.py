@@ -24,11 +24,19 @@ class PrivilegeError(Exception):
     """kmsd was asked to run as a user it cannot become."""
 
 
-def lookup(user: str) -> pwd.struct_passwd:
+def find_user(user: str) -> pwd.struct_passwd | None:
+    """A user of this system's password database, by name or numeric ID."""
     try:
         return pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
     except KeyError:
-        raise PrivilegeError(f"user {user!r} does not exist; refusing to run as root") from None
+        return None
+
+
+def lookup(user: str) -> pwd.struct_passwd:
+    entry = find_user(user)
+    if entry is None:
+        raise PrivilegeError(f"user {user!r} does not exist; refusing to run as root")
+    return entry
 
 
 def drop_to(user: str, database: str | None) -> None:

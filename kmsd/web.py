@@ -32,14 +32,13 @@ import structlog
 from . import __version__
 from .addresses import is_ip, join_host_port
 from .admin import app_name, read_clients, read_stats, resolve_app
-from .cache import MemoryCounter
+from .cache import RECORD_LIFETIME, MemoryCounter
 from .metrics import UNKNOWN, publisher_state
 from .server import KmsServer
 from .store import MEMORY, SqliteStore, StoreError
 
 log = structlog.get_logger("kmsd")
 
-DEFAULT_PORT = 9688
 MAX_HEAD = 8192  # bytes of request line and headers
 REQUEST_TIMEOUT = 5.0  # seconds for the request head to arrive
 MAX_CLIENTS = 32  # admin connections served at once; more get 503
@@ -154,7 +153,7 @@ class AdminServer:
         if publisher is not None:
             self.metrics.dns_state = lambda: publisher_state(publisher)
 
-    async def start(self, host: str, port: int = DEFAULT_PORT) -> None:
+    async def start(self, host: str, port: int) -> None:
         try:
             self._server = await asyncio.start_server(self._serve, host, port, limit=MAX_HEAD)
         except OSError as exc:
@@ -320,7 +319,7 @@ class AdminServer:
 
     def lifetime(self) -> float:
         counter = self.working_copy()
-        return counter.lifetime if counter is not None else 30 * 86400.0
+        return counter.lifetime if counter is not None else RECORD_LIFETIME
 
     def working_copy(self) -> MemoryCounter | None:
         counter = self.kms.host.counter

@@ -152,10 +152,17 @@ ns   IN A   127.0.0.1
 
 
 def publishing_kmsd(
-    bind: Bind, address: str, name: str, priority: int, weight: int, *extra: str
+    bind: Bind,
+    address: str,
+    name: str,
+    priority: int,
+    weight: int,
+    *extra: str,
+    key: Path | None = None,
 ) -> KmsdProcess:
-    """kmsd on `address` (its own "host"), published as `name`, once BIND has the records."""
-    kmsd = start_kmsd(
+    """kmsd on `address` (its own "host"), publishing itself as `name` to BIND, signed
+    with `key` (default: the key BIND accepts)."""
+    return start_kmsd(
         "--fixed-count",
         "50",
         "--publish-zone",
@@ -163,7 +170,7 @@ def publishing_kmsd(
         "--publish-server",
         bind.address,
         "--publish-key",
-        str(bind.key),
+        str(key or bind.key),
         "--publish-host",
         f"{name}.{ZONE}",
         "--publish-priority",
@@ -175,7 +182,6 @@ def publishing_kmsd(
         *extra,
         listen=f"{address}:0",
     )
-    return kmsd
 
 
 def activate(bind: Bind, state: Path, *extra: str) -> dict[str, object]:
@@ -277,19 +283,7 @@ def test_priorities_failover_cache_and_only_own_records_removed(bind: Bind, tmp_
 
 def test_wrong_key_is_refused_logged_and_kmsd_serves_on(bind: Bind, tmp_path: Path) -> None:
     wrong = key_file(tmp_path / "wrong.key", os.urandom(32))
-    kmsd = start_kmsd(
-        "--fixed-count",
-        "50",
-        "--publish-zone",
-        ZONE,
-        "--publish-server",
-        bind.address,
-        "--publish-key",
-        str(wrong),
-        "--publish-host",
-        f"kms-wrong.{ZONE}",
-        listen="127.0.0.6:0",
-    )
+    kmsd = publishing_kmsd(bind, "127.0.0.6", "kms-wrong", 0, 0, key=wrong)
     try:
         failed = kmsd.read_log_until("dns update failed")
         assert failed["rcode"] == "NOTAUTH"
