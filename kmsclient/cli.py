@@ -19,6 +19,7 @@ from kmsd.eventloop import run_on_loop, uvloop_installed
 from kmsd.pipe import quiet_on_broken_pipe
 from kmsd.protocol.kms import BaseRequest
 from kmsd.protocol.products import Sku, products
+from kmsd.text import inert
 
 from . import discover, report, simulate
 from .activation import CallOptions, activate
@@ -377,7 +378,8 @@ async def _charge(args: argparse.Namespace, out: TextIO) -> int:
             f"Threshold  {verdict} after {len(run.counts)} clients ({run.stopped})",
         ]
         if failure is not None:
-            lines.append(f"Error      {run.status.label.replace('_', ' ')}: {failure.message}")
+            message = inert(failure.message)  # may quote what the host sent
+            lines.append(f"Error      {run.status.label.replace('_', ' ')}: {message}")
         print("\n".join(lines), file=out)
     return int(run.status)
 

@@ -8,6 +8,7 @@ from typing import Any
 from kmsd.host import unix_time
 from kmsd.protocol.epid import Epid
 from kmsd.protocol.products import products
+from kmsd.text import inert
 
 from .activation import Result
 from .outcome import Status
@@ -148,4 +149,5 @@ def to_text(result: Result) -> str:
         ]
     rows += [("Warning", w) for w in result.warnings]
     width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+    # The ePID and the messages carry what the host sent: shown inert.
+    return "\n".join(f"{k:<{width}}  {inert(v)}" for k, v in rows)

@@ -20,6 +20,7 @@ from uuid import UUID
 from .cache import RECORD_LIFETIME
 from .protocol.products import products
 from .store import StoreError, connect, default_path, lock_file, reset_sql
+from .text import inert
 
 COMMANDS = ("clients", "stats", "forget", "reset")
 DAEMON_WAIT = 10.0  # seconds to wait for a running daemon to apply a command
@@ -121,6 +122,7 @@ def _when(t: float) -> str:
 
 
 def print_table(rows: list[list[str]], header: list[str], out: TextIO) -> None:
+    rows = [[inert(cell) for cell in row] for row in rows]  # workstation names come from clients
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         print(

@@ -9,6 +9,8 @@ from typing import Any
 
 import structlog
 
+from .text import inert
+
 
 def _level_methods(level: int) -> dict[str, Any]:
     filtering = structlog.make_filtering_bound_logger(level)
@@ -54,6 +56,21 @@ def timestamp(_: object, __: str, event: structlog.typing.EventDict) -> structlo
     return event
 
 
+def inert_values(
+    _: object, __: str, event: structlog.typing.EventDict
+) -> structlog.typing.EventDict:
+    """For the console renderers (JSON escapes on its own): every string made inert, so that
+    a workstation name with terminal escapes cannot rewrite the operator's screen. A
+    traceback keeps its line breaks."""
+    for key, value in event.items():
+        if isinstance(value, str) and not value.isprintable():
+            if key == "exception":
+                event[key] = "\n".join(map(inert, value.split("\n")))
+            else:
+                event[key] = inert(value)
+    return event
+
+
 _QUOTED = frozenset(" \t=\r\n\"'")  # a string with any of these is written as its repr
 
 
@@ -76,20 +93,20 @@ def plain_console(_: object, __: str, event: structlog.typing.EventDict) -> str:
 
 def configure(fmt: str = "console", level: str = "info") -> None:
     set_level(level)
-    renderer: structlog.typing.Processor
+    renderers: list[structlog.typing.Processor]
     if fmt == "json":
-        renderer = structlog.processors.JSONRenderer()
+        renderers = [structlog.processors.JSONRenderer()]
     elif sys.stderr.isatty():
-        renderer = structlog.dev.ConsoleRenderer(colors=True)
+        renderers = [inert_values, structlog.dev.ConsoleRenderer(colors=True)]
     else:
-        renderer = plain_console
+        renderers = [inert_values, plain_console]
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             timestamp,
             structlog.processors.format_exc_info,
-            renderer,
+            *renderers,
         ],
         wrapper_class=_Logger,
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),

@@ -32,6 +32,7 @@ from kmsd.protocol.products import products
 from kmsd.protocol.rpc import DREP_LE, HEADER
 from kmsd.server import KmsServer, ServerSettings
 from kmsd.store import MEMORY, SqliteStore
+from kmsd.text import UNSAFE, inert
 from tests.cdp import Browser
 from tests.conftest import LOOPBACK, KmsdProcess, start_kmsd, stop_kmsd
 
@@ -437,18 +438,21 @@ async def test_admin_endpoint_is_off_by_default_and_a_busy_port_stops_kmsd() -> 
 
 async def test_status_page_in_a_headless_browser_shows_a_new_client(tmp_path: Path) -> None:
     """Debian's chromium, driven over the DevTools protocol: the page loads, its script
-    fetches the JSON API and shows a client that has just activated."""
+    fetches the JSON API and shows a client that has just activated, and a workstation
+    name with terminal escapes and a right-to-left override inert (as kmsd.text does)."""
     assert WIN
     kmsd = start_kmsd("--admin", f"{LOOPBACK}:0", db=str(tmp_path / "kmsd.db"))
     browser = Browser(tmp_path / "profile")
     try:
         host, port = admin_address(kmsd)
         workstation = f"browser-{uuid.uuid4().hex[:8]}.lab.test"
+        hostile = "evil\u202egpj.exe\u2066\x1b[2K\x85"
         assert await activate(kmsd, base_request(WIN, workstation=workstation)) == 1
+        assert await activate(kmsd, base_request(WIN, workstation=hostile)) == 2
         page = await asyncio.to_thread(browser.open, f"http://{host}:{port}/")
         deadline = time.monotonic() + 30
         text = ""
-        while workstation not in text and time.monotonic() < deadline:
+        while inert(hostile) not in text and time.monotonic() < deadline:
             # The page refreshes itself every few seconds; poll what it shows.
             text = (
                 await asyncio.to_thread(
@@ -458,6 +462,11 @@ async def test_status_page_in_a_headless_browser_shows_a_new_client(tmp_path: Pa
             )
         assert workstation in text
         assert "Windows 10/11 Enterprise" in text and "of 25 needed" in text
+        assert inert(hostile) in text  # and no raw control but innerText's own tabs and lines:
+        assert not [c for c in text if ord(c) in UNSAFE and c not in "\t\n"]
+        every = "a" + "".join(map(chr, UNSAFE)) + "\u00e9\u202fz"
+        shown = await asyncio.to_thread(browser.evaluate, page, f"inert({json.dumps(every)})")
+        assert shown == inert(every)  # the page's twin of kmsd.text.inert
         ready = await asyncio.to_thread(
             browser.evaluate, page, "document.getElementById('ready').className"
         )
