@@ -218,8 +218,8 @@ class Metrics:
             "1 while this host's SRV record is published (0: not yet, or failing); absent "
             "when DNS publication is off.",
         )
-        if dns is not None:
-            sample("kmsd_dns_published", {"zone": str(dns.get("zone", ""))}, bool(dns["published"]))
+        for target in () if dns is None else dns.get("targets", [dns]):
+            sample("kmsd_dns_published", {"zone": str(target.get("zone", ""))}, target["published"])
         family("kmsd_ready", "gauge", "1 when listening, the store's writer runs and commits.")
         sample("kmsd_ready", {}, ready)
         family("kmsd_event_loop_lag_seconds", "gauge", "Last measured event loop delay.")

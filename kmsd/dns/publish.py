@@ -17,6 +17,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import dns.asyncquery
 import dns.asyncresolver
@@ -33,6 +34,7 @@ import dns.update
 import structlog
 
 from ..addresses import join_host_port
+from .gss import GssCredentials, GssError, GssSigner, SambaVariant
 from .keyfile import read_key
 
 log = structlog.get_logger("kmsd")
@@ -62,7 +64,8 @@ class PublishSettings:
     zone: dns.name.Name
     host: dns.name.Name  # the SRV target
     server: tuple[str, int] | None = None  # the zone's primary; None: its SOA MNAME
-    key: dns.tsig.Key | None = None
+    key: dns.tsig.Key | None = None  # TSIG with a shared key
+    gss: GssCredentials | None = None  # GSS-TSIG (exclusive with key)
     addresses: tuple[str, ...] = ()  # A/AAAA to publish; empty: those kmsd listens on
     priority: int = 0
     weight: int = 0
@@ -141,24 +144,93 @@ def update_message(
     return msg
 
 
-async def send_update(
+async def exchange(
     msg: dns.message.Message, server: tuple[str, int], timeout: float = UPDATE_TIMEOUT
-) -> None:
-    """Send an update over TCP; UpdateFailed unless the primary answered NOERROR."""
+) -> bytes:
+    """One DNS exchange over TCP: the answer's wire form, unparsed (its TSIG is checked by
+    the caller, who knows the key). UpdateFailed TIMEOUT/NETWORK when there is none."""
+    wire = msg.to_wire()
+    writer = None
     try:
-        response = await dns.asyncquery.tcp(msg, server[0], timeout=timeout, port=server[1])
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(server[0], server[1])
+            writer.write(len(wire).to_bytes(2, "big") + wire)
+            await writer.drain()
+            size = int.from_bytes(await reader.readexactly(2), "big")
+            return await reader.readexactly(size)
+    except TimeoutError:
+        raise UpdateFailed("TIMEOUT", f"no answer from the primary within {timeout:g} s") from None
+    except (OSError, EOFError) as exc:
+        raise UpdateFailed("NETWORK", str(exc) or type(exc).__name__) from None
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+def read_answer(wire: bytes, request: dns.message.Message) -> dns.message.Message:
+    """The answer to `request`, its TSIG signature checked when the request was signed.
+
+    Samba signs over the request MAC without its length bytes; that variant is accepted
+    for GSS-TSIG (see gss.SambaVariant)."""
+    key = request.keyring if request.had_tsig else None
+    try:
+        if not isinstance(key, dns.tsig.Key):
+            return dns.message.from_wire(wire, keyring=False)
+        try:
+            return dns.message.from_wire(wire, keyring=key, request_mac=request.mac)
+        except dns.tsig.BadSignature:
+            if key.algorithm != dns.tsig.GSS_TSIG:
+                raise
+            context: Any = SambaVariant(key.secret, request.mac or b"")
+            variant = dns.tsig.Key(key.name, context, key.algorithm)
+            return dns.message.from_wire(wire, keyring=variant, request_mac=b"")
     except tuple(_TSIG_ERRORS) as exc:
         # The primary refused the signature and said why in its (unsigned) TSIG record.
         raise UpdateFailed("NOTAUTH", f"TSIG error {_TSIG_ERRORS[type(exc)]}") from None
     except dns.tsig.BadSignature:
         raise UpdateFailed("NOTAUTH", "the primary's answer has a bad TSIG signature") from None
-    except dns.exception.Timeout:
-        raise UpdateFailed("TIMEOUT", f"no answer from the primary within {timeout:g} s") from None
-    except (OSError, EOFError, dns.exception.DNSException) as exc:
-        raise UpdateFailed("NETWORK", str(exc) or type(exc).__name__) from None
+    except dns.exception.FormError as exc:
+        unsigned = dns.message.from_wire(wire, keyring=False)
+        if unsigned.rcode() != dns.rcode.NOERROR and not unsigned.had_tsig:
+            return unsigned  # a refusal need not be signed
+        raise UpdateFailed("FORMERR", f"the primary's answer: {exc}") from None
+    except dns.exception.DNSException as exc:
+        raise UpdateFailed("FORMERR", f"the primary's answer: {exc}") from None
+
+
+async def send_update(
+    msg: dns.message.Message, server: tuple[str, int], timeout: float = UPDATE_TIMEOUT
+) -> None:
+    """Send an update over TCP; UpdateFailed unless the primary answered NOERROR."""
+    response = read_answer(await exchange(msg, server, timeout), msg)
     rcode = response.rcode()
     if rcode != dns.rcode.NOERROR:
-        raise UpdateFailed(dns.rcode.to_text(rcode), "the primary refused the update")
+        raise UpdateFailed(dns.rcode.to_text(rcode), _refusal(rcode, msg))
+
+
+def _refusal(rcode: int, msg: dns.message.Message) -> str:
+    """Why a primary answering `rcode` to `msg` most likely did not apply it."""
+    if rcode not in (dns.rcode.REFUSED, dns.rcode.SERVFAIL, dns.rcode.NOTAUTH):
+        return "the primary did not apply the update"
+    if not msg.had_tsig:
+        return "refused unsigned: the zone may accept signed updates only (TSIG or GSS-TSIG)"
+    assert msg.keyring is not None
+    return (
+        f"refused by the server's policy: key {msg.keyring.name} (its principal) may not "
+        "change these names (another account may own them)"
+    )
+
+
+async def primary_name(zone: dns.name.Name, server: tuple[str, int]) -> dns.name.Name:
+    """The zone's primary name server as `server` tells (its SOA MNAME)."""
+    query = dns.message.make_query(zone, "SOA")
+    answer = read_answer(await exchange(query, server), query)
+    rrset = answer.get_rrset(answer.answer, zone, dns.rdataclass.IN, dns.rdatatype.SOA)
+    if not rrset:
+        rcode = dns.rcode.to_text(answer.rcode())
+        raise UpdateFailed("NETWORK", f"{_fmt(server)} gave no SOA for {zone} ({rcode})")
+    mname: dns.name.Name = rrset[0].mname
+    return mname
 
 
 async def primary_of(zone: dns.name.Name) -> tuple[str, int]:
@@ -196,6 +268,7 @@ async def current_srv(name: dns.name.Name, server: tuple[str, int]) -> list[dns.
 
 
 Sender = Callable[[dns.message.Message, tuple[str, int]], Awaitable[None]]
+Exchange = Callable[[dns.message.Message, tuple[str, int]], Awaitable[bytes]]
 Reader = Callable[[dns.name.Name, tuple[str, int]], Awaitable[list[dns.rdtypes.IN.SRV.SRV]]]
 
 
@@ -211,6 +284,7 @@ class Publisher:
         read: Reader = current_srv,
         local_address: Callable[[tuple[str, int]], str | None] = route_address,
         clock: Callable[[], float] = time.monotonic,
+        exchange: Exchange = exchange,
     ) -> None:
         self.settings = settings
         self.listening = tuple(listening)
@@ -221,6 +295,8 @@ class Publisher:
         self.published: Publication | None = None
         self.server = settings.server
         self.attempted: Publication | None = None  # sent, maybe applied, not confirmed
+        self.gss: GssSigner | None = None
+        self.exchange = exchange
         self._wake = asyncio.Event()
         self._checked_stale = False
         self._stopping = False
@@ -242,6 +318,25 @@ class Publisher:
         """New priority, weight, TTL or interval (a reload): published at once."""
         self.settings = settings
         self._wake.set()
+
+    async def signing_key(self, server: tuple[str, int]) -> dns.tsig.Key | None:
+        """The key to sign with: the TSIG key, a GSS-TSIG context's (set up or renewed
+        when due), or None for unsigned updates."""
+        creds = self.settings.gss
+        if creds is None:
+            return self.settings.key
+        if self.gss is None or self.gss.creds != creds:
+            self.gss = GssSigner(creds)
+        try:
+            service = creds.service
+            if service is None:
+                service = "DNS@" + (await primary_name(self.settings.zone, server)).to_text(True)
+            return await self.gss.signing_key(server, service, self.exchange)
+        except GssError as exc:
+            who = creds.describe()
+            raise UpdateFailed("GSSAPI", f"{exc.reason}: {exc.detail} (as {who})") from None
+        except dns.exception.DNSException as exc:
+            raise UpdateFailed("GSSAPI", f"TKEY exchange: {exc}") from None
 
     def addresses(self, server: tuple[str, int]) -> frozenset[str]:
         """The configured addresses, else those kmsd listens on; for a wildcard listener,
@@ -294,15 +389,16 @@ class Publisher:
                 if r.target == want.target and r.port == want.port and r.to_text() != want.srv
             ]
         remove = self.published if self.published != want else None
+        key = await self.signing_key(server)
         self.attempted = want
-        msg = update_message(
-            self.settings.zone, self.settings.key, add=want, remove=remove, stale=stale
-        )
+        msg = update_message(self.settings.zone, key, add=want, remove=remove, stale=stale)
         try:
             await self.send(msg, server)
         except UpdateFailed as exc:
             if exc.rcode not in UNCERTAIN:
                 self.attempted = None  # the primary answered: nothing of it was applied
+            if exc.rcode == "NOTAUTH" and self.gss is not None:
+                self.gss.forget()  # the server may have lost the context: set up a new one
             raise
         self._checked_stale = True
         self.published = want
@@ -359,14 +455,16 @@ class Publisher:
         published, server = self.published or self.attempted, self.server
         if published is None or server is None:
             return
-        msg = update_message(self.settings.zone, self.settings.key, remove=published)
-        if self.attempted not in (None, published):
-            # Deleting what is not there is no error (RFC 2136), so an update that may or
-            # may not have been applied is withdrawn too.
-            extra = update_message(self.settings.zone, None, remove=self.attempted)
-            msg.update.extend(extra.update)
         try:
             async with asyncio.timeout(timeout):
+                msg = update_message(
+                    self.settings.zone, await self.signing_key(server), remove=published
+                )
+                if self.attempted not in (None, published):
+                    # Deleting what is not there is no error (RFC 2136), so an update that
+                    # may or may not have been applied is withdrawn too.
+                    extra = update_message(self.settings.zone, None, remove=self.attempted)
+                    msg.update.extend(extra.update)
                 await self.send(msg, server)
         except (UpdateFailed, TimeoutError) as exc:
             rcode = exc.rcode if isinstance(exc, UpdateFailed) else "TIMEOUT"
