@@ -8,6 +8,8 @@ seen and never shrinks; when full, the oldest record goes. Time is passed in.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Protocol
 from uuid import UUID
 
@@ -26,13 +28,28 @@ class CountStore(Protocol):
         ...
 
 
+@dataclass(frozen=True, slots=True)
+class TableView:
+    """A copy of one table at one moment: its capacity and its records (client ID, time
+    recorded), oldest first."""
+
+    capacity: int
+    records: tuple[tuple[UUID, float], ...]
+    lifetime: float
+
+    def count(self, now: float) -> int:
+        """Clients counted at `now` (expired records no longer count)."""
+        cutoff = now - self.lifetime
+        return sum(1 for _, t in self.records if t > cutoff)
+
+
 class ClientTable:
     """The client IDs of one application, oldest first.
 
     `fixed_capacity` replaces the 2 x N rule for experiments.
     """
 
-    __slots__ = ("capacity", "fixed_capacity", "lifetime", "records")
+    __slots__ = ("_capacity", "_records", "fixed_capacity", "lifetime")
 
     def __init__(
         self,
@@ -42,11 +59,43 @@ class ClientTable:
     ) -> None:
         self.lifetime = lifetime
         self.fixed_capacity = fixed_capacity
-        self.capacity = fixed_capacity or capacity
-        self.records: OrderedDict[UUID, float] = OrderedDict()
+        self._capacity = fixed_capacity or capacity
+        self._records: OrderedDict[UUID, float] = OrderedDict()
+
+    @property
+    def capacity(self) -> int:
+        """2 x the highest threshold seen (or the fixed capacity); never shrinks."""
+        return self._capacity
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __contains__(self, client: object) -> bool:
+        return client in self._records
+
+    def snapshot(self) -> TableView:
+        return TableView(self._capacity, tuple(self._records.items()), self.lifetime)
+
+    def restore(self, capacity: int, records: Iterable[tuple[UUID, float]]) -> None:
+        """Load what a store kept (records in any order)."""
+        self._capacity = self.fixed_capacity or capacity
+        self._records.update(records)
+        self.sort()
+
+    def forget(self, client: UUID) -> bool:
+        """Take one client out of the table; False if it was not in it."""
+        return self._records.pop(client, None) is not None
+
+    def clear(self) -> int:
+        """Start afresh: no records, the capacity back to its start. Returns the records
+        removed."""
+        removed = len(self._records)
+        self._records.clear()
+        self._capacity = self.fixed_capacity or 0
+        return removed
 
     def expire(self, now: float, dropped: list[UUID] | None = None) -> None:
-        records = self.records
+        records = self._records
         cutoff = now - self.lifetime
         while records:
             oldest = next(iter(records))
@@ -61,16 +110,16 @@ class ClientTable:
     ) -> int:
         """Record a request; returns the count. Records that leave go into `dropped`."""
         if self.fixed_capacity is None:
-            self.capacity = max(self.capacity, 2 * max(required, 1))
+            self._capacity = max(self._capacity, 2 * max(required, 1))
         self.expire(now, dropped)
-        records = self.records
+        records = self._records
         # Records stay in time order, so that expiry and eviction look at the oldest first;
         # only a clock that went back breaks the order, and then the table is sorted again.
         went_back = bool(records) and now < next(reversed(records.values()))
         if client in records:
             records.move_to_end(client)
         else:
-            while len(records) >= self.capacity:
+            while len(records) >= self._capacity:
                 oldest, _ = records.popitem(last=False)
                 if dropped is not None:
                     dropped.append(oldest)
@@ -81,14 +130,9 @@ class ClientTable:
 
     def sort(self) -> None:
         """Order the records by time (needed only after the clock went backwards)."""
-        ordered = sorted(self.records.items(), key=lambda item: item[1])
-        self.records.clear()
-        self.records.update(ordered)
-
-    def count(self, now: float) -> int:
-        """Clients counted at `now` (expired records no longer count)."""
-        cutoff = now - self.lifetime
-        return sum(1 for t in self.records.values() if t > cutoff)
+        ordered = sorted(self._records.items(), key=lambda item: item[1])
+        self._records.clear()
+        self._records.update(ordered)
 
 
 class MemoryCounter:
@@ -107,13 +151,15 @@ class MemoryCounter:
         self.lifetime = lifetime
         self.max_tables = max_tables
         self.fixed_capacity = fixed_capacity
-        self.tables: dict[UUID, ClientTable] = {}
+        self._tables: dict[UUID, ClientTable] = {}
         self._unknown: OrderedDict[UUID, None] = OrderedDict()
 
     def table(self, application: UUID, dropped_tables: list[UUID] | None = None) -> ClientTable:
-        table = self.tables.get(application)
+        """The table of an application, made when first asked for; an unknown application
+        beyond `max_tables` pushes the stalest one out (into `dropped_tables`)."""
+        table = self._tables.get(application)
         if table is None:
-            table = self.tables[application] = ClientTable(
+            table = self._tables[application] = ClientTable(
                 self.lifetime, fixed_capacity=self.fixed_capacity
             )
         if application not in self.known:
@@ -121,10 +167,26 @@ class MemoryCounter:
             self._unknown.move_to_end(application)
             if len(self._unknown) > self.max_tables:
                 stale, _ = self._unknown.popitem(last=False)
-                del self.tables[stale]
+                del self._tables[stale]
                 if dropped_tables is not None:
                     dropped_tables.append(stale)
         return table
+
+    def snapshot(self) -> dict[UUID, TableView]:
+        """A copy of every table, by application."""
+        return {app: table.snapshot() for app, table in self._tables.items()}
+
+    def forget(self, client: UUID) -> list[UUID]:
+        """Take one client out of every table; returns the applications it was counted in."""
+        return [app for app, table in self._tables.items() if table.forget(client)]
+
+    def reset(self, application: UUID | None = None) -> int:
+        """Empty the table of one application (None: of all) and start its capacity
+        afresh; returns the records removed."""
+        if application is None:
+            return sum(table.clear() for table in self._tables.values())
+        table = self._tables.get(application)
+        return table.clear() if table is not None else 0
 
     def record(
         self,

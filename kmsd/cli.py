@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from . import __version__, admin, config, logs, privileges, reload, systemd
+from . import __version__, config, logs, privileges, reload, systemd, tablecmd
 from .addresses import join_host_port
 from .clock import FileClock
 from .eventloop import run_on_loop, uvloop_installed
@@ -192,8 +192,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .dns import responder
 
         return responder.main(argv[1:])
-    if argv and argv[0] in admin.COMMANDS:
-        return admin.main(argv)
+    if argv and argv[0] in tablecmd.COMMANDS:
+        return tablecmd.main(argv)
     check_only = bool(argv) and argv[0] == "check-config"
     parser = build_parser()
     try:

@@ -10,8 +10,10 @@ database, with their own connection) and, with synchronous "full", an fdatasync 
 log before the replies of the commits it covers leave (pipelined: commits go on while a
 flush runs).
 
-Admin commands of other processes (`kmsd forget`, `kmsd reset`) reach a running daemon
-through the `commands` table, so that its working copy and the file never disagree.
+All of kmsd's SQL is here, the reads of `kmsd clients` / `kmsd stats` and of the admin
+endpoint included. The commands of other processes (`kmsd forget`, `kmsd reset`) reach a
+running daemon through the `commands` table, so that its working copy and the file never
+disagree.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, TypeVar
+from urllib.parse import quote
 from uuid import UUID
 
 import structlog
@@ -34,6 +37,7 @@ import structlog
 from .cache import RECORD_LIFETIME, MemoryCounter
 from .commit import Commit
 from .protocol.kms import BaseRequest
+from .protocol.products import products
 
 log = structlog.get_logger("kmsd.store")
 T = TypeVar("T")
@@ -296,22 +300,22 @@ class SqliteStore:
         self._data_version = 0
 
     def _load(self) -> None:
-        counter = self.counter
         written = self._written
+        capacities: dict[UUID, int] = {}
         for app, capacity, low in self.db.execute(
             "SELECT application, capacity, low_seq FROM apps"
         ):
-            table = counter.table(UUID(app))
-            table.capacity = counter.fixed_capacity or capacity
+            capacities[UUID(app)] = capacity
             written[UUID(app)] = _Written(capacity, low)
+        records: dict[UUID, list[tuple[UUID, float]]] = {app: [] for app in capacities}
         for app, client, recorded_at, seq in self.db.execute(
             "SELECT application, client, recorded_at, seq FROM records ORDER BY seq"
         ):
             application, cmid = UUID(app), UUID(client)
-            counter.table(application).records[cmid] = recorded_at
+            records.setdefault(application, []).append((cmid, recorded_at))
             written.setdefault(application, _Written()).seqs[cmid] = seq
-        for table in counter.tables.values():
-            table.sort()  # written in order, but the clock may have gone back meanwhile
+        for application, kept in records.items():
+            self.counter.table(application).restore(capacities.get(application, 0), kept)
         last = self.db.execute("SELECT max(seq) FROM clients").fetchone()[0]
         self._seq = (last or 0) + 1
 
@@ -396,11 +400,9 @@ class SqliteStore:
             self._seq,
         )
         self._seq += 1
-        items = self._items
-        for stale in evicted_tables:
-            self._written.pop(stale, None)
-            items += reset_sql(str(stale))
-        items.append(_Change(key, row, explicit, app_row))
+        for stale in evicted_tables:  # its working copy is gone already
+            self._reset(stale)
+        self._items.append(_Change(key, row, explicit, app_row))
         self._schedule()
         return count
 
@@ -413,17 +415,27 @@ class SqliteStore:
         self._schedule()
         return self._waiting
 
-    def read(self, query: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
-        """Run `query` on the committed database (for a :memory: database, which no other
-        connection can open): what is counted but not yet committed is not in it."""
-        loop = self._loop
-        assert loop is not None, "start() the store first"
-        future: asyncio.Future[T] = loop.create_future()
+    async def read(self, query: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `query` on the committed database (what is counted but not yet committed
+        is not in it), in a thread with its own read-only connection so that the loop
+        never waits for the disk; a :memory: database, which no other connection can
+        open, is read on the loop (a lab-sized table)."""
         try:
-            future.set_result(query(self.db))
+            if self.path == MEMORY:
+                return query(self.db)
+            return await asyncio.to_thread(_read_only, self.path, query)
         except sqlite3.Error as exc:
-            future.set_exception(exc)
-        return future
+            raise StoreError(f"cannot read the database: {exc}") from None
+
+    async def clients(self, now: float, application: str | None = None) -> list[ClientRow]:
+        """What `kmsd clients` shows: read_clients on the committed database."""
+        lifetime = self.counter.lifetime
+        return await self.read(lambda db: read_clients(db, now, lifetime, application))
+
+    async def stats(self, now: float) -> list[AppStats]:
+        """What `kmsd stats` shows: read_stats on the committed database."""
+        lifetime = self.counter.lifetime
+        return await self.read(lambda db: read_stats(db, now, lifetime))
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -623,31 +635,50 @@ class SqliteStore:
             self._apply_command(*row)
 
     def _apply_command(self, command_id: int, verb: str, argument: str) -> None:
-        """Apply an admin command to the working copy and queue its SQL."""
-        sql: list[Statement] = []
-        affected = 0
-        if verb == "forget":
+        """Apply a command of `kmsd forget` / `kmsd reset` to the working copy and queue
+        its SQL."""
+        if verb == FORGET:
             client = UUID(argument)
-            for app, table in self.counter.tables.items():
-                if table.records.pop(client, None) is not None:
-                    self._written[app].seqs.pop(client)
-                    affected += 1
-                    sql.append((_DROP, (str(app), argument)))
-        elif verb == "reset":
-            apps = [UUID(argument)] if argument else list(self.counter.tables)
+            apps = self.counter.forget(client)
             for app in apps:
-                if (emptied := self.counter.tables.get(app)) is not None:
-                    affected += len(emptied.records)
-                    emptied.records.clear()
-                    emptied.capacity = emptied.fixed_capacity or 0
-                self._written.pop(app, None)
-            sql += reset_sql(argument)
-        sql.append(
+                self._written[app].seqs.pop(client)
+            affected = len(apps)
+            self._items += forget_sql(argument)
+        else:
+            affected = self._reset(UUID(argument) if argument else None)
+        self._items.append(
             ("UPDATE commands SET done = 1, result = ? WHERE id = ?", (affected, command_id))
         )
         log.info("admin command applied", command=verb, argument=argument, records=affected)
-        self._items += sql
         self._schedule()
+
+    def _reset(self, application: UUID | None) -> int:
+        """Start one application's table (None: every table) afresh, in the working copy
+        and in the database; returns the records removed."""
+        removed = self.counter.reset(application)
+        if application is None:
+            self._written.clear()
+        else:
+            self._written.pop(application, None)
+        self._items += reset_sql(str(application) if application else "")
+        return removed
+
+
+# The table as other code sees it: the commands that change it, the reads ---------------
+
+FORGET, RESET = "forget", "reset"
+DAEMON_WAIT = 10.0  # seconds `change` waits for a running daemon to apply a command
+
+
+def forget_sql(client: str) -> list[Statement]:
+    """Take one client out of every table. Its history (last request) stays."""
+    return [
+        (
+            "UPDATE clients SET recorded_at = NULL, seq = NULL "
+            "WHERE client = ? AND recorded_at IS NOT NULL",
+            (client,),
+        )
+    ]
 
 
 def reset_sql(application: str) -> list[Statement]:
@@ -660,3 +691,148 @@ def reset_sql(application: str) -> list[Statement]:
             ("DELETE FROM apps WHERE application = ?", (application,)),
         ]
     return [(clear, ()), ("DELETE FROM apps", ())]
+
+
+def change(path: str, verb: str, argument: str) -> int:
+    """Apply `forget` (argument: a client ID) or `reset` (argument: an application ID, ""
+    for all) to a database: directly when no daemon serves from it, else through the
+    daemon, so that its working copy and the file stay one. Returns the records removed."""
+    db = connect(path, create=False)
+    lock = lock_file(path)
+    try:
+        if lock is not None:  # no daemon: apply it here
+            args: tuple[str, ...]
+            if verb == FORGET:
+                where, args, sql = "client = ?", (argument,), forget_sql(argument)
+            elif argument:
+                where, args, sql = "application = ?", (argument,), reset_sql(argument)
+            else:
+                where, args, sql = "1", (), reset_sql("")
+            db.execute("BEGIN IMMEDIATE")
+            removed = db.execute(f"SELECT count(*) FROM records WHERE {where}", args).fetchone()[0]
+            for statement, values in sql:
+                db.execute(statement, values)
+            db.execute("COMMIT")
+            return int(removed)
+        command = db.execute(
+            "INSERT INTO commands (verb, argument) VALUES (?, ?)", (verb, argument)
+        ).lastrowid
+        deadline = time.monotonic() + DAEMON_WAIT
+        while time.monotonic() < deadline:
+            row = db.execute(
+                "SELECT done, result FROM commands WHERE id = ?", (command,)
+            ).fetchone()
+            if row[0]:
+                return int(row[1])
+            time.sleep(0.05)  # a CLI waiting for another process, not a test
+        raise StoreError(
+            f"the kmsd serving {path} did not apply the command within "
+            f"{DAEMON_WAIT:.0f} s; it will when it can"
+        )
+    finally:
+        db.close()
+        if lock is not None:
+            lock.close()
+
+
+@dataclass(frozen=True)
+class ClientRow:
+    application: str
+    client: str
+    workstation: str
+    product: str
+    protocol: str
+    address: str
+    recorded_at: float
+    expires: float
+    counted: bool
+    requests: int
+
+
+@dataclass(frozen=True)
+class AppStats:
+    application: str
+    count: int
+    capacity: int
+    thresholds: dict[int, bool]  # N-count policy seen -> reached
+
+
+def app_name(app: str) -> str:
+    """An application's name, or its GUID when the product database does not know it."""
+    known = products().applications.get(UUID(app))
+    return known.name if known else app
+
+
+def resolve_app(text: str) -> str:
+    """An application by name ("Windows", "Office 2013 and later") or GUID."""
+    for app in products().applications.values():
+        if app.name.casefold() == text.casefold():
+            return str(app.id)
+    try:
+        return str(UUID(text))
+    except ValueError:
+        names = ", ".join(a.name for a in products().applications.values())
+        raise StoreError(f"unknown application {text!r} (known: {names}, or a GUID)") from None
+
+
+def read_clients(
+    db: sqlite3.Connection, now: float, lifetime: float, application: str | None = None
+) -> list[ClientRow]:
+    """The records of the tables (of one application), oldest first, with what each
+    client last sent."""
+    rows = db.execute(
+        """
+        SELECT application, client, r.recorded_at, workstation, sku, kms_id, protocol,
+               address, requests
+        FROM records AS r JOIN clients USING (application, client)
+        WHERE ?1 IS NULL OR application = ?1
+        ORDER BY application, r.seq
+        """,
+        (application,),
+    ).fetchall()
+    db_products = products()
+    out = []
+    for app, client, recorded_at, workstation, sku, kms_id, protocol, address, requests in rows:
+        product = db_products.product_name(UUID(sku), UUID(kms_id), UUID(app))
+        expires = recorded_at + lifetime
+        out.append(
+            ClientRow(
+                app_name(app),
+                client,
+                workstation,
+                product,
+                protocol,
+                address,
+                recorded_at,
+                expires,
+                expires > now,
+                requests,
+            )
+        )
+    return out
+
+
+def read_stats(db: sqlite3.Connection, now: float, lifetime: float) -> list[AppStats]:
+    """Count, capacity and the thresholds seen (reached or not), per application."""
+    out = []
+    for app, capacity in db.execute("SELECT application, capacity FROM apps ORDER BY 1"):
+        count = db.execute(
+            "SELECT count(*) FROM records WHERE application = ? AND recorded_at > ?",
+            (app, now - lifetime),
+        ).fetchone()[0]
+        seen = sorted(
+            r[0]
+            for r in db.execute(
+                "SELECT DISTINCT required FROM clients WHERE application = ?", (app,)
+            )
+        )
+        out.append(AppStats(app_name(app), count, capacity, {n: count >= n for n in seen}))
+    return out
+
+
+def _read_only(path: str, query: Callable[[sqlite3.Connection], T]) -> T:
+    db = sqlite3.connect(f"file:{quote(path)}?mode=ro", uri=True, timeout=2.0)
+    try:
+        return query(db)
+    finally:
+        db.close()

@@ -6,9 +6,7 @@ MAX_HEAD bytes arriving within REQUEST_TIMEOUT seconds, at most MAX_CLIENTS at o
 no authentication: keep it on loopback or a management network.
 
 /api/clients and /api/stats are what `kmsd clients --json` and `kmsd stats --json` print:
-the same functions (kmsd.admin) on the committed database, read through a separate read-only
-connection in a worker thread, so the event loop never waits for the disk (a :memory:
-database, which no other connection can open, is read on the loop: a lab-sized table).
+the same reads of kmsd.store on the committed database, off the event loop.
 """
 
 from __future__ import annotations
@@ -18,24 +16,22 @@ import contextlib
 import hashlib
 import ipaddress
 import json
-import sqlite3
 import time
 from base64 import b64encode
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, TypeVar
-from urllib.parse import parse_qs, quote, urlsplit
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import structlog
 
 from . import __version__
 from .addresses import is_ip, join_host_port
-from .admin import app_name, read_clients, read_stats, resolve_app
-from .cache import RECORD_LIFETIME, MemoryCounter
+from .cache import MemoryCounter
 from .metrics import UNKNOWN, publisher_state
 from .server import KmsServer
-from .store import MEMORY, SqliteStore, StoreError
+from .store import SqliteStore, StoreError, app_name, resolve_app
 
 log = structlog.get_logger("kmsd")
 
@@ -46,7 +42,6 @@ HEARTBEAT = 1.0  # seconds between event loop lag measurements
 JSON = "application/json"
 METRICS = "text/plain; version=0.0.4; charset=utf-8"
 HTML = "text/html; charset=utf-8"
-T = TypeVar("T")
 
 REASONS = {
     200: "OK",
@@ -291,12 +286,12 @@ class AdminServer:
                 app = resolve_app(query["app"][0])
             except StoreError as exc:
                 return error(400, str(exc))
-        now, lifetime = self.kms.clock(), self.lifetime()
-        return await self._api(lambda db: read_clients(db, now, lifetime, app))
+        now = self.kms.clock()
+        return await self._api(lambda store: store.clients(now, app))
 
     async def api_stats(self, _: dict[str, list[str]]) -> Response:
-        now, lifetime = self.kms.clock(), self.lifetime()
-        return await self._api(lambda db: read_stats(db, now, lifetime))
+        now = self.kms.clock()
+        return await self._api(lambda store: store.stats(now))
 
     async def api_status(self, _: dict[str, list[str]]) -> Response:
         """What the status page shows beside the table: health, connections, recent
@@ -317,10 +312,6 @@ class AdminServer:
 
     # Reading the table ----------------------------------------------------------------
 
-    def lifetime(self) -> float:
-        counter = self.working_copy()
-        return counter.lifetime if counter is not None else RECORD_LIFETIME
-
     def working_copy(self) -> MemoryCounter | None:
         counter = self.kms.host.counter
         if isinstance(counter, SqliteStore):
@@ -335,7 +326,7 @@ class AdminServer:
             return []
         now = self.kms.clock()
         out: dict[str, list[int]] = {}
-        for app, table in counter.tables.items():
+        for app, table in counter.snapshot().items():
             name = app_name(str(app))
             if name == str(app):
                 name = UNKNOWN
@@ -344,26 +335,14 @@ class AdminServer:
             row[1] += table.capacity
         return [(name, count, capacity) for name, (count, capacity) in out.items()]
 
-    async def _api(self, query: Callable[[sqlite3.Connection], list[T]]) -> Response:
-        store = self.store
-        if store is None:
+    async def _api(self, read: Callable[[SqliteStore], Awaitable[list[Any]]]) -> Response:
+        if self.store is None:
             return error(503, "no database: kmsd counts in memory only")
         try:
-            if store.path == MEMORY:
-                rows = await store.read(query)
-            else:
-                rows = await asyncio.to_thread(_read_only, store.path, query)
-        except (sqlite3.Error, StoreError) as exc:
-            return error(503, f"cannot read the database: {exc}")
-        return _json([asdict(r) for r in rows])  # type: ignore[call-overload]
-
-
-def _read_only(path: str, query: Callable[[sqlite3.Connection], T]) -> T:
-    db = sqlite3.connect(f"file:{quote(path)}?mode=ro", uri=True, timeout=2.0)
-    try:
-        return query(db)
-    finally:
-        db.close()
+            rows = await read(self.store)
+        except StoreError as exc:
+            return error(503, str(exc))
+        return _json([asdict(r) for r in rows])
 
 
 async def start(

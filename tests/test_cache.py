@@ -15,6 +15,11 @@ def clients(n: int) -> list[uuid.UUID]:
     return [uuid.uuid4() for _ in range(n)]
 
 
+def ids(table: ClientTable) -> list[uuid.UUID]:
+    """The clients in a table, oldest first."""
+    return [client for client, _ in table.snapshot().records]
+
+
 def test_seed_example_counts_are_cumulative_across_editions() -> None:
     counter = MemoryCounter(known=frozenset({WINDOWS}))
     a, b, vm, server = clients(4)
@@ -39,16 +44,16 @@ def test_renewal_does_not_grow_the_count_and_restarts_the_30_days() -> None:
     assert table.record(b, 25, 1.0) == 2
     assert table.record(a, 25, 20 * DAY) == 2  # renewal: same count
     # b expires 30 days after its only request; a's renewal keeps it.
-    assert table.count(1.0 + RECORD_LIFETIME) == 1
-    assert table.count(20 * DAY + RECORD_LIFETIME - 1) == 1
-    assert table.count(20 * DAY + RECORD_LIFETIME) == 0
+    assert table.snapshot().count(1.0 + RECORD_LIFETIME) == 1
+    assert table.snapshot().count(20 * DAY + RECORD_LIFETIME - 1) == 1
+    assert table.snapshot().count(20 * DAY + RECORD_LIFETIME) == 0
 
 
 def test_record_expires_after_exactly_30_days() -> None:
     table = ClientTable()
     a, b = clients(2)
     table.record(a, 25, 0.0)
-    assert table.count(RECORD_LIFETIME - 1) == 1
+    assert table.snapshot().count(RECORD_LIFETIME - 1) == 1
     assert table.record(b, 25, RECORD_LIFETIME) == 1  # a is gone, b counts alone
 
 
@@ -58,13 +63,13 @@ def test_capacity_is_ten_for_servers_then_fifty_and_never_shrinks() -> None:
     counts = [table.record(c, 5, float(i)) for i, c in enumerate(servers)]
     assert counts == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 10, 10]
     assert table.capacity == 10
-    assert next(iter(table.records)) == servers[2]  # the two oldest were dropped
+    assert ids(table)[0] == servers[2]  # the two oldest were dropped
     assert table.record(uuid.uuid4(), 25, 20.0) == 11  # a Windows client: capacity 50
     assert table.capacity == 50
     for i, c in enumerate(clients(60)):
         table.record(c, 5, 30.0 + i)  # servers again: the table keeps 50
     assert table.capacity == 50
-    assert table.count(100.0) == 50
+    assert table.snapshot().count(100.0) == 50
 
 
 def test_fifty_first_client_evicts_the_oldest() -> None:
@@ -73,9 +78,9 @@ def test_fifty_first_client_evicts_the_oldest() -> None:
     table.record(first, 25, 0.0)
     for i, c in enumerate(rest[:-1]):
         table.record(c, 25, 1.0 + i)
-    assert table.count(100.0) == 50 and first in table.records
+    assert table.snapshot().count(100.0) == 50 and first in table
     assert table.record(rest[-1], 25, 200.0) == 50
-    assert first not in table.records
+    assert first not in table
 
 
 def test_applications_are_counted_apart() -> None:
@@ -90,7 +95,7 @@ def test_unknown_applications_cannot_evict_known_tables() -> None:
     counter.record(WINDOWS, uuid.uuid4(), 25, 0.0)
     for i in range(10):
         counter.record(uuid.uuid4(), uuid.uuid4(), 5, 1.0 + i)
-    assert len(counter.tables) == 5  # Windows plus the 4 most recent unknown applications
+    assert len(counter.snapshot()) == 5  # Windows plus the 4 most recent unknown applications
     assert counter.record(WINDOWS, uuid.uuid4(), 25, 20.0) == 2
 
 
@@ -106,13 +111,13 @@ def test_clock_jumps_back_and_forward() -> None:
     assert table.record(a, 25, 10 * DAY) == 1
     assert table.record(b, 25, 10 * DAY + 1) == 2
     assert table.record(c, 25, 9 * DAY) == 3  # the clock went back a day: still counted
-    assert list(table.records) == [c, a, b]  # kept in time order
+    assert ids(table) == [c, a, b]  # kept in time order
     assert table.record(a, 25, 9 * DAY + 5) == 3  # a renewal after the jump: no growth
     # 30 days after the earlier time: c and a (renewed at 9 days) expire, b does not.
     assert table.record(d, 25, 9 * DAY + 5 + RECORD_LIFETIME) == 2
-    assert set(table.records) == {b, d}
+    assert set(ids(table)) == {b, d}
     # Forward by more than 30 days: everything before expires at once; never negative.
-    assert table.count(1000 * DAY) == 0
+    assert table.snapshot().count(1000 * DAY) == 0
     assert table.record(a, 25, 1000 * DAY) == 1
 
 
@@ -123,4 +128,34 @@ def test_eviction_after_a_backward_jump_drops_the_oldest_by_time() -> None:
     table.record(b, 5, 50.0)  # clock went back
     dropped: list[uuid.UUID] = []
     table.record(c, 5, 120.0, dropped)
-    assert dropped == [b] and list(table.records) == [a, c]
+    assert dropped == [b] and ids(table) == [a, c]
+
+
+def test_forget_and_reset_take_clients_out_and_start_capacity_afresh() -> None:
+    counter = MemoryCounter(known=frozenset({WINDOWS, OFFICE}))
+    a, b, c = clients(3)
+    counter.record(WINDOWS, a, 25, 0.0)
+    counter.record(WINDOWS, b, 25, 1.0)
+    counter.record(OFFICE, a, 5, 2.0)
+    counter.record(OFFICE, c, 5, 3.0)
+    assert counter.forget(a) == [WINDOWS, OFFICE]  # every table it was counted in
+    assert counter.forget(a) == []
+    assert counter.record(WINDOWS, a, 25, 4.0) == 2  # counted again as a new client
+    assert counter.reset(OFFICE) == 1
+    office = counter.snapshot()[OFFICE]
+    assert (office.records, office.capacity) == ((), 0)
+    assert counter.snapshot()[WINDOWS].capacity == 50  # untouched
+    assert counter.record(OFFICE, b, 5, 5.0) == 1
+    assert counter.reset() == 3
+    assert all(not t.records and not t.capacity for t in counter.snapshot().values())
+
+
+def test_a_snapshot_is_a_copy() -> None:
+    table = ClientTable(fixed_capacity=3)
+    a, b = clients(2)
+    table.record(a, 25, 0.0)
+    view = table.snapshot()
+    table.record(b, 25, 1.0)
+    assert view.records == ((a, 0.0),) and view.capacity == 3
+    table.clear()
+    assert table.capacity == 3 and len(table) == 0  # a fixed capacity stays

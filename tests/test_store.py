@@ -18,7 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kmsclient.session import KmsConnection, base_request
-from kmsd import admin
+from kmsd import tablecmd
+from kmsd.cache import TableView
 from kmsd.commit import Commit
 from kmsd.host import HostPolicy
 from kmsd.protocol.kms import BaseRequest, encode_request
@@ -38,6 +39,15 @@ def request(sku_name: str = "Windows 10/11 Enterprise", **kw: object) -> BaseReq
     sku = DB.sku_by_name(sku_name)
     assert sku is not None
     return base_request(sku, now=NOW, **kw)  # type: ignore[arg-type]
+
+
+def table_of(store: SqliteStore, application: UUID) -> TableView:
+    return store.counter.snapshot()[application]
+
+
+def ids(table: TableView) -> list[UUID]:
+    """The clients in a table, oldest first."""
+    return [client for client, _ in table.records]
 
 
 def rows(path: Path, sql: str) -> list[tuple[object, ...]]:
@@ -81,8 +91,8 @@ async def test_restart_keeps_counts_capacity_order_and_identity(tmp_path: Path) 
         b"\x01" * 8,
         {"windows": "03612-00206-556-123727-03-1033-17763.0000-2972018"},
     )
-    table = again.counter.tables[first.application_id]
-    assert table.capacity == 50 and next(iter(table.records)) == first.client_machine_id
+    table = table_of(again, first.application_id)
+    assert table.capacity == 50 and ids(table)[0] == first.client_machine_id
     again.start(asyncio.get_running_loop())
     assert again.count(first, NOW + 10, "a") == 4  # a renewal: no growth
     assert again.count(request(), NOW + 11, "a") == 5
@@ -112,8 +122,8 @@ async def test_an_older_database_is_migrated_with_its_records(tmp_path: Path, ol
     assert store.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
     assert rows(path, "SELECT capacity, low_seq FROM apps") == [(50, 0)]
     assert rows(path, "SELECT name FROM sqlite_master WHERE type = 'index' AND sql NOT NULL") == []
-    table = store.counter.tables[WIN.kms.application.id]
-    assert (list(table.records), table.capacity) == ([UUID(client)], 50)
+    table = table_of(store, WIN.kms.application.id)
+    assert (ids(table), table.capacity) == ([UUID(client)], 50)
     store.start(asyncio.get_running_loop())
     assert store.count(request(), NOW + 1, "b") == 2
     await store.barrier()
@@ -313,7 +323,7 @@ def test_printed_table_is_aligned() -> None:
     import io
 
     out = io.StringIO()
-    admin.print_table([["a", "bbbb"], ["ccc", "d"]], ["X", "Y"], out)
+    tablecmd.print_table([["a", "bbbb"], ["ccc", "d"]], ["X", "Y"], out)
     lines = out.getvalue().splitlines()
     assert lines == ["X    Y", "a    bbbb", "ccc  d"]
 
@@ -355,7 +365,7 @@ async def test_one_batch_keeps_the_order_of_evictions_and_admin_commands(tmp_pat
     history = {r[0] for r in rows(path, "SELECT client FROM clients")}
     assert history == {str(r.client_machine_id) for r in (a, b, c, d)}
     again = SqliteStore(str(path), known=KNOWN, fixed_capacity=2)
-    assert list(again.counter.tables[d.application_id].records) == [d.client_machine_id]
+    assert ids(table_of(again, d.application_id)) == [d.client_machine_id]
 
 
 def test_the_log_is_the_journal_and_checkpoints_leave_the_loop(tmp_path: Path) -> None:
@@ -436,7 +446,7 @@ async def test_an_eviction_at_the_oldest_end_writes_no_row_of_the_evicted(
     store.count(d, NOW - 10, "x")
     store.count(e := request(), NOW + 3, "x")
     await asyncio.wait_for(store.barrier(), 10)
-    assert list(store.counter.tables[a.application_id].records) == [
+    assert ids(table_of(store, a.application_id)) == [
         c.client_machine_id,
         e.client_machine_id,
     ]
@@ -533,10 +543,10 @@ OPS = st.one_of(
 )
 
 
-def tables(store: SqliteStore) -> dict[UUID, tuple[int, list[tuple[UUID, float]]]]:
+def tables(store: SqliteStore) -> dict[UUID, TableView]:
     return {
-        app: (table.capacity, list(table.records.items()))
-        for app, table in store.counter.tables.items()
+        app: table
+        for app, table in store.counter.snapshot().items()
         if table.records or table.capacity
     }
 

@@ -1,120 +1,38 @@
-"""`kmsd clients`, `kmsd stats`, `kmsd forget`, `kmsd reset`: the table, seen from outside.
+"""The table commands `kmsd clients`, `kmsd stats`, `kmsd forget`, `kmsd reset`: the
+client table seen from outside the daemon, offline or while it runs.
 
-They work on the database file, also while a daemon serves from it: reads see what was
-committed (every acknowledged activation); changes go through the daemon when one runs,
-so its working copy and the file stay one.
+They work on the database file (kmsd.store does the reading and the changing): reads see
+what was committed (every acknowledged activation); changes go through the daemon when one
+runs, so its working copy and the file stay one.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sqlite3
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any, TextIO
 from uuid import UUID
 
 from .cache import RECORD_LIFETIME
-from .protocol.products import products
-from .store import StoreError, connect, default_path, lock_file, reset_sql
+from .store import (
+    FORGET,
+    RESET,
+    StoreError,
+    app_name,
+    change,
+    connect,
+    default_path,
+    read_clients,
+    read_stats,
+    resolve_app,
+)
 from .text import inert
 
-COMMANDS = ("clients", "stats", "forget", "reset")
-DAEMON_WAIT = 10.0  # seconds to wait for a running daemon to apply a command
-
-
-@dataclass(frozen=True)
-class ClientRow:
-    application: str
-    client: str
-    workstation: str
-    product: str
-    protocol: str
-    address: str
-    recorded_at: float
-    expires: float
-    counted: bool
-    requests: int
-
-
-@dataclass(frozen=True)
-class AppStats:
-    application: str
-    count: int
-    capacity: int
-    thresholds: dict[int, bool]  # N-count policy seen -> reached
-
-
-def app_name(app: str) -> str:
-    known = products().applications.get(UUID(app))
-    return known.name if known else app
-
-
-def resolve_app(text: str) -> str:
-    """An application by name ("Windows", "Office 2013 and later") or GUID."""
-    for app in products().applications.values():
-        if app.name.casefold() == text.casefold():
-            return str(app.id)
-    try:
-        return str(UUID(text))
-    except ValueError:
-        names = ", ".join(a.name for a in products().applications.values())
-        raise StoreError(f"unknown application {text!r} (known: {names}, or a GUID)") from None
-
-
-def read_clients(
-    db: sqlite3.Connection, now: float, lifetime: float, application: str | None = None
-) -> list[ClientRow]:
-    rows = db.execute(
-        """
-        SELECT application, client, r.recorded_at, workstation, sku, kms_id, protocol,
-               address, requests
-        FROM records AS r JOIN clients USING (application, client)
-        WHERE ?1 IS NULL OR application = ?1
-        ORDER BY application, r.seq
-        """,
-        (application,),
-    ).fetchall()
-    db_products = products()
-    out = []
-    for app, client, recorded_at, workstation, sku, kms_id, protocol, address, requests in rows:
-        product = db_products.product_name(UUID(sku), UUID(kms_id), UUID(app))
-        expires = recorded_at + lifetime
-        out.append(
-            ClientRow(
-                app_name(app),
-                client,
-                workstation,
-                product,
-                protocol,
-                address,
-                recorded_at,
-                expires,
-                expires > now,
-                requests,
-            )
-        )
-    return out
-
-
-def read_stats(db: sqlite3.Connection, now: float, lifetime: float) -> list[AppStats]:
-    out = []
-    for app, capacity in db.execute("SELECT application, capacity FROM apps ORDER BY 1"):
-        count = db.execute(
-            "SELECT count(*) FROM records WHERE application = ? AND recorded_at > ?",
-            (app, now - lifetime),
-        ).fetchone()[0]
-        seen = sorted(
-            r[0]
-            for r in db.execute(
-                "SELECT DISTINCT required FROM clients WHERE application = ?", (app,)
-            )
-        )
-        out.append(AppStats(app_name(app), count, capacity, {n: count >= n for n in seen}))
-    return out
+COMMANDS = ("clients", "stats", FORGET, RESET)
 
 
 def _when(t: float) -> str:
@@ -147,53 +65,6 @@ def confirm(question: str, assume_yes: bool) -> bool:
     if not sys.stdin.isatty():
         raise StoreError(f"{question} Refusing without a terminal to ask; add --yes.")
     return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
-
-
-def change(path: str, verb: str, argument: str) -> int:
-    """Apply forget/reset: directly when no daemon runs, else through the daemon.
-    Returns the number of records removed."""
-    db = connect(path, create=False)
-    lock = lock_file(path)
-    try:
-        if lock is not None:  # no daemon: apply it here
-            db.execute("BEGIN IMMEDIATE")
-            if verb == "forget":
-                removed = db.execute(
-                    "SELECT count(*) FROM records WHERE client = ?", (argument,)
-                ).fetchone()[0]
-                db.execute(
-                    "UPDATE clients SET recorded_at = NULL, seq = NULL "
-                    "WHERE client = ? AND recorded_at IS NOT NULL",
-                    (argument,),
-                )
-            else:
-                where = "WHERE application = ?" if argument else ""
-                removed = db.execute(
-                    f"SELECT count(*) FROM records {where}", (argument,) if argument else ()
-                ).fetchone()[0]
-                for statement, args in reset_sql(argument):
-                    db.execute(statement, args)
-            db.execute("COMMIT")
-            return int(removed)
-        command = db.execute(
-            "INSERT INTO commands (verb, argument) VALUES (?, ?)", (verb, argument)
-        ).lastrowid
-        deadline = time.monotonic() + DAEMON_WAIT
-        while time.monotonic() < deadline:
-            row = db.execute(
-                "SELECT done, result FROM commands WHERE id = ?", (command,)
-            ).fetchone()
-            if row[0]:
-                return int(row[1])
-            time.sleep(0.05)  # a CLI waiting for another process, not a test
-        raise StoreError(
-            f"the kmsd serving {path} did not apply the command within "
-            f"{DAEMON_WAIT:.0f} s; it will when it can"
-        )
-    finally:
-        db.close()
-        if lock is not None:
-            lock.close()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -298,13 +169,13 @@ def _run(args: argparse.Namespace, lifetime: float, out: TextIO) -> int:
             raise StoreError(f"{args.client!r} is not a client machine ID (GUID)") from None
         if not confirm(f"Forget client {client}?", args.yes):
             return 1
-        removed = change(args.db, "forget", client)
+        removed = change(args.db, FORGET, client)
         print(f"forgot {client}: {removed} record(s) removed", file=out)
         return 0
     app = resolve_app(args.app) if args.app else ""
     what = app_name(app) if app else "every application"
     if not confirm(f"Reset the client table of {what}?", args.yes):
         return 1
-    removed = change(args.db, "reset", app)
+    removed = change(args.db, RESET, app)
     print(f"reset {what}: {removed} record(s) removed", file=out)
     return 0
