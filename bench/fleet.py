@@ -18,8 +18,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from kmsclient.fleet import InProcess, simulate  # noqa: E402
-from kmsclient.scenario import load  # noqa: E402
+from kmsclient.sim.fleet import InProcess, simulate  # noqa: E402
+from kmsclient.sim.scenario import load  # noqa: E402
 
 
 def main() -> int:

@@ -21,7 +21,7 @@ from kmsd.protocol.kms import BaseRequest
 from kmsd.protocol.products import Sku, products
 from kmsd.text import inert
 
-from . import discover, report, simulate
+from . import discovery_cli, report
 from .activation import CallOptions, activate
 from .charge import charge
 from .load import (
@@ -35,6 +35,7 @@ from .load import (
 )
 from .outcome import Status
 from .session import NIL_UUID, BindOptions, base_request, prepare
+from .sim import simulate
 from .target import Target, loopback_only, parse_target
 
 DEFAULT_PRODUCT = "Windows 10/11 Enterprise"
@@ -188,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the KMS host; without it, found through DNS (see DNS discovery)",
     )
     act.add_argument("--list-products", action="store_true", help="list the products and exit")
-    discover.add_dns_options(act, with_state=True)
+    discovery_cli.add_dns_options(act, with_state=True)
     _common(act, single_client=True)
 
     chg = sub.add_parser(
@@ -272,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep one connection per concurrent client (default)",
     )
     simulate.add_parser(sub)
-    discover.add_parser(sub)
+    discovery_cli.add_parser(sub)
     return parser
 
 
@@ -330,7 +331,7 @@ async def _activate(args: argparse.Namespace, out: TextIO) -> int:
     base = _request(args, args.cmid or uuid.uuid4(), args.major)
     prepared, options = prepare(base), _call_options(args)
     if args.host is None:
-        return await discover.activate_discovered(
+        return await discovery_cli.activate_discovered(
             args, lambda target: activate(target, prepared, options), out
         )
     result = await activate(args.host, prepared, options)
@@ -418,7 +419,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     if args.command == "simulate":
         return simulate.main(args, out)
     if args.command == "discover":
-        return asyncio.run(discover.run_discover(args, out))
+        return asyncio.run(discovery_cli.run_discover(args, out))
     if args.command == "activate" and args.list_products:
         print(list_products(args.json), file=out)
         return 0

@@ -13,11 +13,11 @@ from typing import Any
 
 import pytest
 
-from kmsclient import chart, timeline
 from kmsclient.cli import main as kmsclient_main
-from kmsclient.fleet import InProcess, Loopback, Timeline, simulate, write_clock
 from kmsclient.licensing import DAY, HOUR
-from kmsclient.scenario import ScenarioError, from_dict, load, parse_duration
+from kmsclient.sim import chart, timeline
+from kmsclient.sim.fleet import InProcess, Loopback, Timeline, simulate, write_clock
+from kmsclient.sim.scenario import ScenarioError, from_dict, load, parse_duration
 from kmsclient.target import Target
 from kmsd.clock import FileClock
 

@@ -27,14 +27,14 @@ from kmsd.protocol.errors import KmsError, NotGenuine
 from kmsd.protocol.kms import BaseRequest
 from kmsd.protocol.products import products
 
-from .activation import CallOptions, activate
-from .discovery import order
-from .licensing import DAY, HOUR, Event, Kind, LicensingClient, StaticHost
-from .outcome import Status
+from ..activation import CallOptions, activate
+from ..discovery import order
+from ..licensing import DAY, HOUR, Event, Kind, LicensingClient, StaticHost
+from ..outcome import Status
+from ..session import base_request, prepare
+from ..target import Target
+from ..verify import verify_reply
 from .scenario import GroupSpec, HostSpec, Scenario
-from .session import base_request, prepare
-from .target import Target
-from .verify import verify_reply
 
 LICENSE_STATUS = {"unlicensed": 2, "waiting": 2, "licensed": 1, "renewal_due": 1, "expired": 3}
 TALLIES = ("requests", *(k.value for k in Kind), "joined", "left")

@@ -16,7 +16,7 @@ from typing import Any
 from kmsd.host import DEFAULT_ACTIVATION_INTERVAL, DEFAULT_RENEWAL_INTERVAL
 from kmsd.protocol.products import Sku, products
 
-from .licensing import DAY, HOUR, MINUTE
+from ..licensing import DAY, HOUR, MINUTE
 
 DEFAULT_START = "2025-01-06T00:00:00Z"  # a Monday
 MAX_CLIENTS = 1_000_000

@@ -5,8 +5,8 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
+from ..licensing import DAY, HOUR
 from .fleet import Sample, Timeline
-from .licensing import DAY, HOUR
 
 SCHEMA = "kmsclient.simulate/1"
 

@@ -12,12 +12,12 @@ from typing import Any, TextIO
 
 from kmsd.clock import read_clock
 
+from ..licensing import HOUR
+from ..outcome import Status
+from ..target import Target, loopback_only, parse_target
 from . import chart, timeline
 from .fleet import InProcess, Loopback, Transport, simulate, write_clock
-from .licensing import HOUR
-from .outcome import Status
 from .scenario import Scenario, ScenarioError, load
-from .target import Target, loopback_only, parse_target
 
 EPILOG = """Against real daemons, start one kmsd per scenario host, each with
 --clock-file PATH (the same file for all) and --db :memory: (or a fresh database), then

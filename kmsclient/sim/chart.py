@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from html import escape
 
+from ..licensing import DAY, HOUR
 from .fleet import Timeline
-from .licensing import DAY, HOUR
 
 WIDTH = 960
 PANEL_HEIGHT = 260

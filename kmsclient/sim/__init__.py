@@ -1,0 +1,1 @@
+"""The fleet simulator: many licensing clients in virtual time, scenarios, timelines, charts."""
