@@ -32,13 +32,12 @@ import dnslib
 from dnslib.label import DNSLabelError
 
 from kmsd.addresses import join_host_port, parse_ip_port
+from kmsd.protocol.constants import DNS_PORT, SRV_SERVICE
 
 from .activation import Result
 from .outcome import Status
 from .target import Target
 
-SERVICE = "_vlmcs._tcp"
-DNS_PORT = 53
 QUERY_TIMEOUT = 2.0  # seconds to wait for one answer
 QUERY_TRIES = 3  # rounds over the nameservers before a query fails
 EDNS_PAYLOAD = 1232  # the UDP size offered (DNS flag day 2020)
@@ -305,7 +304,7 @@ class Resolver:
     async def srv(self, domain: str) -> list[Candidate]:
         """The `_vlmcs._tcp.<domain>` records in the answer's order, each with the addresses
         of its target: from the additional section, else queried."""
-        name = f"{SERVICE}.{domain.rstrip('.')}"
+        name = f"{SRV_SERVICE}.{domain.rstrip('.')}"
         reply = await self.query(name, "SRV")
         candidates = []
         for record in srv_records(reply, name):
@@ -451,7 +450,7 @@ async def find_host(
             continue
         found.records[domain] = candidates
         if not candidates:
-            found.errors.append(f"{domain}: no {SERVICE} SRV records")
+            found.errors.append(f"{domain}: no {SRV_SERVICE} SRV records")
         for candidate in order(candidates, rng, ignore_priority):
             if candidate.key in failed:
                 continue

@@ -13,10 +13,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from kmsd.protocol.constants import SRV_SERVICE
+
 from . import report
 from .discovery import (
     QUERY_TIMEOUT,
-    SERVICE,
     Candidate,
     Found,
     HostCache,
@@ -57,7 +58,7 @@ def add_dns_options(parser: argparse.ArgumentParser, *, with_state: bool) -> Non
             "--domain",
             action="append",
             metavar="SUFFIX",
-            help=f"without HOST: look for {SERVICE} SRV records under this DNS suffix "
+            help=f"without HOST: look for {SRV_SERVICE} SRV records under this DNS suffix "
             "(repeatable, tried in order; default: the search list of /etc/resolv.conf)",
         )
     group.add_argument(
@@ -93,8 +94,8 @@ def add_parser(sub: Any) -> None:
     """Add the `discover` subcommand to the subparsers `sub`."""
     p: argparse.ArgumentParser = sub.add_parser(
         "discover",
-        help=f"list the KMS hosts DNS advertises ({SERVICE} SRV) and the order to try them",
-        description=f"Query {SERVICE} SRV records for each DNS suffix, print them with their "
+        help=f"list the KMS hosts DNS advertises ({SRV_SERVICE} SRV) and the order to try them",
+        description=f"Query {SRV_SERVICE} SRV records for each DNS suffix, print them with their "
         "addresses and the RFC 2782 order a client would try them in (one random draw), "
         "and with --probe, which hosts answer an RPC bind.",
         epilog="exit status: 0 records found (with --probe: and a host answered), "
@@ -188,7 +189,7 @@ async def activate_discovered(args: argparse.Namespace, attempt: Try, out: TextI
 def _discovery_text(found: Found) -> str:
     if found.answered:
         last = found.attempts[-1]
-        via = "the cached host" if found.source == "cache" else f"DNS ({SERVICE} SRV)"
+        via = "the cached host" if found.source == "cache" else f"DNS ({SRV_SERVICE} SRV)"
         return f"{last.host} {last.target} from {via}"
     return "no KMS host answered" if found.attempts else "no KMS host found through DNS"
 
@@ -219,7 +220,7 @@ async def run_discover(args: argparse.Namespace, out: TextIO) -> int:
     results: list[dict[str, Any]] = []
     everything: list[Candidate] = []
     for domain in domains:
-        entry: dict[str, Any] = {"domain": domain, "name": f"{SERVICE}.{domain}", "records": []}
+        entry: dict[str, Any] = {"domain": domain, "name": f"{SRV_SERVICE}.{domain}", "records": []}
         try:
             candidates = await resolver.srv(domain)
         except Exception as exc:

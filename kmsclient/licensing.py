@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
 
-from kmsd.host import DEFAULT_ACTIVATION_INTERVAL, DEFAULT_RENEWAL_INTERVAL
+from kmsd.protocol.constants import DEFAULT_ACTIVATION_INTERVAL, DEFAULT_RENEWAL_INTERVAL
 
 MINUTE = 60.0
 HOUR = 3600.0

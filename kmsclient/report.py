@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from kmsd.host import unix_time
+from kmsd.protocol.constants import unix_time
 from kmsd.protocol.epid import Epid
 from kmsd.protocol.products import products
 from kmsd.text import inert

@@ -13,12 +13,13 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from kmsd.host import filetime
 from kmsd.protocol import ndr
+from kmsd.protocol.constants import filetime
 from kmsd.protocol.errors import HResult, KmsError, NotGenuine
 from kmsd.protocol.kms import BaseRequest, KmsResponse, encode_request
 from kmsd.protocol.products import Sku
 from kmsd.protocol.rpc import (
+    BTFN_FEATURES,
     HEADER_SIZE,
     KMS_INTERFACE,
     NDR32,
@@ -144,7 +145,7 @@ class RpcClient:
         if self.options.ndr64:
             syntaxes.append(NDR64)
         if self.options.btfn:
-            syntaxes.append(btfn_syntax(3))
+            syntaxes.append(btfn_syntax(BTFN_FEATURES))
         self._offered = [Offered(i, s) for i, s in enumerate(syntaxes)]
         contexts = tuple(ContextElement(i, KMS_INTERFACE, (s,)) for i, s in enumerate(syntaxes))
         return Bind(self.call_id, contexts, self._flags).encode()

@@ -11,14 +11,13 @@ import socket
 from dataclasses import dataclass
 
 from kmsd.addresses import join_host_port, split_host_port
-
-DEFAULT_PORT = 1688
+from kmsd.protocol.constants import KMS_PORT
 
 
 @dataclass(frozen=True, slots=True)
 class Target:
     host: str
-    port: int = DEFAULT_PORT
+    port: int = KMS_PORT
 
     def __str__(self) -> str:
         return join_host_port(self.host, self.port)
@@ -26,7 +25,7 @@ class Target:
 
 def parse_target(text: str) -> Target:
     """HOST, HOST:PORT, IPv6, or [IPv6]:PORT; raises ValueError."""
-    host, port = split_host_port(text, DEFAULT_PORT)
+    host, port = split_host_port(text, KMS_PORT)
     if not host:
         raise ValueError(f"{text!r}: no host")
     return Target(host, port)

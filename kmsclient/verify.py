@@ -15,10 +15,13 @@ from kmsd.protocol.epid import Epid, parse_epid
 from kmsd.protocol.errors import NotGenuine, StubError
 from kmsd.protocol.kms import BaseRequest, KmsResponse, decode_response
 from kmsd.protocol.rpc import (
+    BTFN_FEATURES,
     DREP_LE,
     HEADER_SIZE,
+    MAX_FRAG,
     NDR64,
     NIL_SYNTAX,
+    RPC_VERSION,
     WHOLE,
     BindAck,
     Flags,
@@ -30,7 +33,6 @@ from kmsd.protocol.rpc import (
     parse_header,
 )
 
-MAX_FRAG = 5840  # the fragment size a client offers; no KMS reply comes near it
 WINE_CALL_ID = 1  # vlmcs tolerates call_id 1 in replies (a known Wine bug)
 
 
@@ -38,7 +40,7 @@ def check_header(head: bytes) -> int:
     """Check the 16-byte common header of a received PDU before its body is read;
     returns frag_length. A non-RPC service on the port fails here."""
     h = parse_header(head)
-    if h.version != (5, 0):
+    if h.version != RPC_VERSION:
         raise NotGenuine(
             "rpc_version",
             f"reply is not DCE-RPC 5.0 (first bytes {head[:8].hex(' ')}); is this a KMS host?",
@@ -85,8 +87,9 @@ def check_bind_ack(ack: BindAck, offered: list[Offered], warnings: list[str]) ->
     for item, res in zip(offered, ack.results, strict=True):
         where = f"{kind} result for context {item.context_id}"
         if btfn_features(item.syntax) is not None:
-            if (res.result, res.reason) != (Result.NEGOTIATE_ACK, 3):
-                warnings.append(f"{where}: BTFN answered {res.result}/{res.reason}, not 3/3")
+            if (res.result, res.reason) != (Result.NEGOTIATE_ACK, BTFN_FEATURES):
+                expected = f"{Result.NEGOTIATE_ACK:d}/{BTFN_FEATURES}"
+                warnings.append(f"{where}: BTFN answered {res.result}/{res.reason}, not {expected}")
             continue
         if res.result == Result.PROVIDER_REJECTION:
             if res.syntax != NIL_SYNTAX:

@@ -21,13 +21,18 @@ from uuid import UUID
 from .addresses import join_host_port, parse_ip_port, split_host_port
 from .cache import RECORD_LIFETIME
 from .eventloop import CHOICES as LOOPS
-from .host import DEFAULT_ACTIVATION_INTERVAL, DEFAULT_RENEWAL_INTERVAL
 from .privileges import find_user
+from .protocol.constants import (
+    DEFAULT_ACTIVATION_INTERVAL,
+    DEFAULT_RENEWAL_INTERVAL,
+    DNS_PORT,
+    KMS_PORT,
+)
 from .protocol.epid import parse_epid
 from .protocol.products import products
+from .protocol.rpc import MAX_FRAG, MUST_RECV_FRAG
 from .store import MEMORY, default_path
 
-DEFAULT_PORT = 1688
 DEFAULT_ADMIN_PORT = 9688
 DEFAULT_CONFIG = Path("/etc/kmsd/kmsd.toml")
 ENV_PREFIX = "KMSD_"
@@ -47,7 +52,7 @@ def _bind_address(text: str, default_port: int) -> tuple[str, int]:
 
 def parse_listen(text: str) -> tuple[str, int]:
     """HOST:PORT, [IPv6]:PORT, HOST (port 1688) or :PORT (all IPv4 addresses)."""
-    return _bind_address(text, DEFAULT_PORT)
+    return _bind_address(text, KMS_PORT)
 
 
 def show_listen(value: tuple[str, int]) -> str:
@@ -106,7 +111,7 @@ def parse_zone(text: str) -> str:
 
 def parse_dns_server(text: str) -> tuple[str, int]:
     """IP, IP:PORT, IPv6 or [IPv6]:PORT (port 53)."""
-    return parse_ip_port(text, 53, "the DNS server")
+    return parse_ip_port(text, DNS_PORT, "the DNS server")
 
 
 def parse_address(text: str) -> str:
@@ -197,7 +202,7 @@ OPTIONS: tuple[Option, ...] = (
         "listen",
         "network",
         parse_listen,
-        [("0.0.0.0", DEFAULT_PORT), ("::", DEFAULT_PORT)],
+        [("0.0.0.0", KMS_PORT), ("::", KMS_PORT)],
         "address to listen on; repeat for several; [IPv6]:PORT for IPv6",
         "HOST:PORT",
         repeat=True,
@@ -247,8 +252,8 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "max_pdu",
         "network",
-        number(int, 1432, 65535),
-        5840,
+        number(int, MUST_RECV_FRAG, 65535),
+        MAX_FRAG,
         "largest RPC fragment accepted, in bytes (1432-65535)",
         "BYTES",
     ),

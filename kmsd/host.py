@@ -10,23 +10,12 @@ from dataclasses import dataclass, field
 from uuid import UUID
 
 from .cache import MAX_REQUIRED_COUNT, CountStore
+from .protocol.constants import DEFAULT_ACTIVATION_INTERVAL, DEFAULT_RENEWAL_INTERVAL, unix_time
 from .protocol.crypto import RandomPool, RandomSource
 from .protocol.epid import generate_epid
 from .protocol.errors import HResult, KmsError
 from .protocol.kms import BaseRequest, BaseResponse, decode_request, encode_response
 from .protocol.products import ProductDatabase, products
-
-FILETIME_UNIX_EPOCH = 116444736000000000  # 1970-01-01 in 100 ns units since 1601-01-01
-DEFAULT_ACTIVATION_INTERVAL = 120  # minutes
-DEFAULT_RENEWAL_INTERVAL = 10080  # minutes (7 days)
-
-
-def filetime(unix: float) -> int:
-    return FILETIME_UNIX_EPOCH + int(unix * 10_000_000)
-
-
-def unix_time(filetime_value: int) -> float:
-    return (filetime_value - FILETIME_UNIX_EPOCH) / 10_000_000
 
 
 @dataclass

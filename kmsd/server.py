@@ -27,11 +27,12 @@ from .protocol.connection import (
     Send,
     ServerConnection,
 )
+from .protocol.constants import KMS_PORT
 from .protocol.errors import FaultStatus, KmsError
+from .protocol.rpc import MAX_FRAG
 
 log = structlog.get_logger("kmsd")
 
-DEFAULT_PORT = 1688
 BACKLOG = 1024  # connections the kernel queues before kmsd accepts them
 DRAIN_SECONDS = 5.0  # how long a stop waits for replies still being committed
 
@@ -44,14 +45,14 @@ class Durable(Protocol):
 
 @dataclass(frozen=True)
 class ServerSettings:
-    listen: tuple[tuple[str, int], ...] = (("0.0.0.0", DEFAULT_PORT), ("::", DEFAULT_PORT))
+    listen: tuple[tuple[str, int], ...] = (("0.0.0.0", KMS_PORT), ("::", KMS_PORT))
     idle_timeout: float = 30.0  # seconds without a byte before a connection is closed
     read_timeout: float = 10.0  # seconds a PDU may take to arrive once it has begun
     max_connections: int = 1000
     max_connections_per_ip: int = 256
     allow: tuple[Network, ...] = ()  # networks served; empty: everyone
     rate_per_ip: float = 0.0  # activation requests per second per address; 0: unlimited
-    max_pdu: int = 5840  # bytes; also the largest fragment offered in bind_ack
+    max_pdu: int = MAX_FRAG  # bytes; also the largest fragment offered in bind_ack
     ndr64: bool = True
     btfn: bool = True
     groups_seed: int = field(default_factory=lambda: int.from_bytes(os.urandom(4), "little"))

@@ -9,7 +9,8 @@ import uuid
 import pytest
 
 from kmsclient.session import base_request
-from kmsd.host import HostPolicy, KmsHost, filetime, unix_time
+from kmsd.host import HostPolicy, KmsHost
+from kmsd.protocol.constants import filetime, unix_time
 from kmsd.protocol.epid import parse_epid
 from kmsd.protocol.errors import HResult, KmsError
 from kmsd.protocol.kms import BaseRequest, decode_response, encode_request

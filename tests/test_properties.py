@@ -42,6 +42,7 @@ from kmsd.protocol.kms import (
 )
 from kmsd.protocol.products import products
 from kmsd.protocol.rpc import (
+    BTFN_FEATURES,
     HEADER_SIZE,
     KMS_INTERFACE,
     NDR32,
@@ -124,7 +125,7 @@ def bound_client(options: BindOptions) -> tuple[ServerConnection, RpcClient]:
 def syntaxes(draw: st.DrawFn) -> Syntax:
     return draw(
         st.one_of(
-            st.sampled_from([NDR32, NDR64, KMS_INTERFACE, btfn_syntax(3)]),
+            st.sampled_from([NDR32, NDR64, KMS_INTERFACE, btfn_syntax(BTFN_FEATURES)]),
             st.builds(btfn_syntax, u64),
             st.builds(Syntax, st.binary(min_size=16, max_size=16), u32),
         )

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Protocol
 
 from kmsd.cache import MemoryCounter
-from kmsd.host import HostIdentity, HostPolicy, KmsHost, filetime
+from kmsd.host import HostIdentity, HostPolicy, KmsHost
+from kmsd.protocol.constants import filetime
 from kmsd.protocol.errors import KmsError, NotGenuine
 from kmsd.protocol.kms import BaseRequest
 from kmsd.protocol.products import products

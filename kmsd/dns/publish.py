@@ -34,13 +34,13 @@ import dns.update
 import structlog
 
 from ..addresses import join_host_port
+from ..protocol.constants import DNS_PORT, SRV_SERVICE
 from .gss import GssCredentials, GssError, GssSigner, SambaVariant
 from .keyfile import read_key
 
 log = structlog.get_logger("kmsd")
 
-SERVICE = dns.name.from_text("_vlmcs._tcp", origin=None)
-DNS_PORT = 53
+SERVICE = dns.name.from_text(SRV_SERVICE, origin=None)
 ADDRESS_POLL = 60.0  # seconds between checks whether the host's addresses changed
 FIRST_BACKOFF = 1.0  # seconds before the first retry of a failed update; doubles each time
 MAX_BACKOFF = 300.0

@@ -25,11 +25,10 @@ from dnslib.label import DNSLabelError
 
 from .. import logs
 from ..config import parse_listen, show_listen
+from ..protocol.constants import DNS_PORT, KMS_PORT, SRV_SERVICE
 
 log = structlog.get_logger("kmsd")
 
-KMS_PORT = 1688
-DNS_PORT = 53
 UDP_PLAIN = 512  # largest UDP answer to a query without EDNS (RFC 1035)
 UDP_MAX = 4096  # largest UDP answer whatever EDNS offers
 TCP_IDLE = 10.0  # seconds a TCP client may stay silent
@@ -103,7 +102,7 @@ class Zone:
         for host in hosts:
             target = f"{host.name}.{zone}"
             srv = f"{host.priority} {host.weight} {host.port} {target}"
-            lines.append(f"_vlmcs._tcp.{zone} {ttl} IN SRV {srv}")
+            lines.append(f"{SRV_SERVICE}.{zone} {ttl} IN SRV {srv}")
             for address in host.addresses:
                 rdtype = "AAAA" if ":" in address else "A"
                 lines.append(f"{target} {ttl} IN {rdtype} {address}")

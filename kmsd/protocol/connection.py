@@ -12,8 +12,11 @@ from dataclasses import dataclass, field
 from . import ndr
 from .errors import FaultStatus, StubError
 from .rpc import (
+    BTFN_FEATURES,
     HEADER_SIZE,
     KMS_INTERFACE,
+    MAX_FRAG,
+    MUST_RECV_FRAG,
     NDR32,
     NDR64,
     RPC_VERSION,
@@ -39,8 +42,6 @@ from .rpc import (
     parse_pdu,
 )
 
-BTFN_SUPPORTED = 0x0003  # security context multiplexing, keep connection on orphan
-MUST_RECV_FRAG = 1432  # DCE-RPC: every peer accepts fragments at least this large
 MAX_PENDING_CALLS = 4  # requests being reassembled at once on one connection
 
 
@@ -159,7 +160,7 @@ class ServerConnection:
         groups: AssociationGroups,
         ndr64: bool = True,
         btfn: bool = True,
-        max_pdu: int = 5840,
+        max_pdu: int = MAX_FRAG,
         max_call: int = 16384,
         answers: BindAnswers | None = None,
     ) -> None:
@@ -314,7 +315,7 @@ class ServerConnection:
             offered = btfn_features(syntax)
             if offered is not None:
                 if self._btfn:
-                    return ContextResult(Result.NEGOTIATE_ACK, offered & BTFN_SUPPORTED)
+                    return ContextResult(Result.NEGOTIATE_ACK, offered & BTFN_FEATURES)
                 return ContextResult(
                     Result.PROVIDER_REJECTION, Reason.TRANSFER_SYNTAXES_NOT_SUPPORTED
                 )

@@ -17,6 +17,8 @@ HEADER = struct.Struct("<BBBBIHHI")  # vers, minor, PTYPE, flags, drep, frag_len
 HEADER_SIZE = HEADER.size
 DREP_LE = 0x00000010  # little-endian integers, ASCII, IEEE floats
 RPC_VERSION = (5, 0)
+MAX_FRAG = 5840  # the fragment size Windows offers in its binds (and kmsd's default limit)
+MUST_RECV_FRAG = 1432  # DCE-RPC: every peer accepts fragments at least this large
 
 
 class PType(IntEnum):
@@ -91,8 +93,17 @@ KMS_INTERFACE = Syntax.of("51c82175-844e-4750-b0d8-ec255555bc06", 1)
 NDR32 = Syntax.of("8a885d04-1ceb-11c9-9fe8-08002b104860", 2)
 NDR64 = Syntax.of("71710533-beba-4937-8319-b5dbef9ccc36", 1)
 BTFN_PREFIX = UUID("6cb71c2c-9812-4540-0000-000000000000").bytes_le[:8]
-BTFN_SECURITY_CONTEXT_MULTIPLEXING = 0x0001
-BTFN_KEEP_CONNECTION_ON_ORPHAN = 0x0002
+
+
+class Btfn:
+    """Bind-time feature negotiation bits (plain ints, like Flags)."""
+
+    SECURITY_CONTEXT_MULTIPLEXING = 0x0001
+    KEEP_CONNECTION_ON_ORPHAN = 0x0002
+
+
+# What Windows and vlmcs offer, and all kmsd acknowledges.
+BTFN_FEATURES = Btfn.SECURITY_CONTEXT_MULTIPLEXING | Btfn.KEEP_CONNECTION_ON_ORPHAN
 
 
 def btfn_syntax(features: int) -> Syntax:
@@ -134,7 +145,7 @@ def frag_length_of(data: bytes | bytearray) -> int:
 
 
 def _header(ptype: PType, flags: int, length: int, call_id: int) -> bytes:
-    return HEADER.pack(5, 0, ptype, flags, DREP_LE, length, 0, call_id)
+    return HEADER.pack(*RPC_VERSION, ptype, flags, DREP_LE, length, 0, call_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,8 +169,8 @@ class Bind:
     call_id: int
     contexts: tuple[ContextElement, ...]
     flags: int = WHOLE | Flags.CONC_MPX
-    max_xmit_frag: int = 5840
-    max_recv_frag: int = 5840
+    max_xmit_frag: int = MAX_FRAG
+    max_recv_frag: int = MAX_FRAG
     assoc_group: int = 0
     alter: bool = False
 
@@ -193,8 +204,8 @@ class BindAck:
     results: tuple[ContextResult, ...]
     sec_addr: bytes  # without the NUL; empty in alter_context_resp
     flags: int = WHOLE
-    max_xmit_frag: int = 5840
-    max_recv_frag: int = 5840
+    max_xmit_frag: int = MAX_FRAG
+    max_recv_frag: int = MAX_FRAG
     assoc_group: int = 0
     alter: bool = False
 
