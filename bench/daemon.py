@@ -24,7 +24,8 @@ class Daemon:
 
 
 @contextlib.contextmanager
-def running_kmsd(*args: str, startup: float = 15.0) -> Iterator[Daemon]:
+def running_kmsd(*args: str, startup: float = 15.0, stderr: int | None = None) -> Iterator[Daemon]:
+    """`stderr`: where kmsd's log goes (a file descriptor; default: this process's)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
@@ -33,6 +34,7 @@ def running_kmsd(*args: str, startup: float = 15.0) -> Iterator[Daemon]:
         process = subprocess.Popen(
             [sys.executable, "-m", "kmsd", "--listen", f"127.0.0.1:{port}", "--db", db, *args],
             cwd=ROOT,
+            stderr=stderr,
         )
         try:
             deadline = time.monotonic() + startup

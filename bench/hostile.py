@@ -1,11 +1,20 @@
-"""What a legitimate client sees while hostile connections hold kmsd (a benchmark, not a test).
+"""What a legitimate client sees while hostile connections hold kmsd, and what kmsd logs
+meanwhile (a benchmark, not a test: it prints figures). Loopback only; every loop is bounded
+in count and time. Cases (--case, default: all three):
 
-Starts a kmsd on loopback, measures a bounded legitimate load (activations/s, p50/p99),
-then opens --hostile connections from other loopback addresses (127.0.0.2 and up) that
-misbehave in turns: idle after connecting, half a PDU and then nothing, or one byte per
-second (slowloris); and measures the same load again while they are open.
+misbehave  kmsd with room for everyone (--max-connections hostile + 500): a bounded legitimate
+           load (activations/s, p50/p99) alone, then while --hostile connections from other
+           loopback addresses (127.0.0.2 and up) misbehave in turns: idle after connecting,
+           half a PDU and then nothing, or one byte per second (slowloris).
+lockout    kmsd with its default connection limits: --idle connections from --addresses
+           loopback addresses connect and say nothing (with --reconnect, each connects again
+           as soon as kmsd closes it); meanwhile a legitimate client activates --legit
+           times, each on a new connection as Windows does. Prints its success rate.
+logflood   kmsd serving 127.0.0.1 only, with its default log level: --flooders connections
+           at a time from 127.0.0.2 for --duration seconds, each refused. Prints kmsd's log
+           lines per second and the connections refused per second.
 
-    python bench/hostile.py --hostile 1000 --duration 5
+    python bench/hostile.py --case lockout --idle 3000 --addresses 40 --legit 35
 """
 
 from __future__ import annotations
@@ -16,6 +25,8 @@ import contextlib
 import os
 import resource
 import sys
+import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -23,8 +34,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.daemon import running_kmsd  # noqa: E402
+from kmsclient.activation import CallOptions, activate  # noqa: E402
 from kmsclient.load import LoadReport, LoadSpec, run_load  # noqa: E402
-from kmsclient.session import base_request  # noqa: E402
+from kmsclient.session import base_request, prepare  # noqa: E402
 from kmsclient.target import Target  # noqa: E402
 from kmsd.protocol.kms import BaseRequest  # noqa: E402
 from kmsd.protocol.products import products  # noqa: E402
@@ -34,6 +46,7 @@ BIND = bytes.fromhex(
     "05000b03100000004800000002000000d016d0160000000001000000000001007521c8514e845047"
     "b0d8ec255555bc0601000000045d888aeb1cc9119fe808002b10486002000000"
 )
+MAX_RECONNECTS = 10_000  # per hostile connection (--reconnect), besides the time bound
 
 
 def make_request(protocol: int, cmid: uuid.UUID, index: int) -> BaseRequest:
@@ -41,11 +54,16 @@ def make_request(protocol: int, cmid: uuid.UUID, index: int) -> BaseRequest:
     return base_request(SKU, major=protocol, client_machine_id=cmid)
 
 
+def source_address(index: int, addresses: int) -> str:
+    return f"127.0.0.{2 + index % addresses}"
+
+
 async def hostile(port: int, index: int, stop: asyncio.Event) -> bool:
     """One misbehaving connection; returns whether the server closed it before `stop`."""
-    source = f"127.0.0.{2 + index % 200}"
     try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", port, local_addr=(source_address(index, 200), 0)
+        )
     except OSError:
         return True
     kind = index % 3
@@ -63,6 +81,30 @@ async def hostile(port: int, index: int, stop: asyncio.Event) -> bool:
     finally:
         writer.close()
     return False
+
+
+async def idle(port: int, source: str, stop: asyncio.Event, reconnect: bool) -> int:
+    """Connections from `source` that say nothing, one at a time; returns how many were
+    opened (several only with `reconnect`: a new one whenever kmsd closes the last)."""
+    opened = 0
+    while not stop.is_set() and opened < (MAX_RECONNECTS if reconnect else 1):
+        try:
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", port, local_addr=(source, 0)
+            )
+        except OSError:
+            return opened
+        opened += 1
+        try:
+            while not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    if await asyncio.wait_for(reader.read(4096), 1.0) == b"":
+                        break  # closed by kmsd
+        except OSError:
+            pass
+        finally:
+            writer.close()
+    return opened
 
 
 async def legit(port: int, args: argparse.Namespace) -> LoadReport:
@@ -85,7 +127,7 @@ def line(label: str, report: LoadReport) -> str:
     return f"{label:<34} {report.rate:8.1f} act/s  {lat}  errors {errors}"
 
 
-async def measure(port: int, args: argparse.Namespace) -> None:
+async def misbehave(port: int, args: argparse.Namespace) -> None:
     print(line("legitimate, alone", await legit(port, args)), flush=True)
     stop = asyncio.Event()
     tasks = [asyncio.create_task(hostile(port, i, stop)) for i in range(args.hostile)]
@@ -99,29 +141,118 @@ async def measure(port: int, args: argparse.Namespace) -> None:
     )
 
 
+async def lockout(port: int, args: argparse.Namespace) -> None:
+    assert SKU is not None
+    stop = asyncio.Event()
+    tasks = [
+        asyncio.create_task(idle(port, source_address(i, args.addresses), stop, args.reconnect))
+        for i in range(args.idle)
+    ]
+    await asyncio.sleep(2.0)  # a benchmark, not a test: let the idle connections settle
+    target, options = Target("127.0.0.1", port), CallOptions(timeout=args.timeout)
+    answered, times = 0, []
+    for _ in range(args.legit):
+        result = await activate(target, prepare(base_request(SKU)), options)
+        if result.verified is not None:
+            answered += 1
+            times.append(result.response_time or 0.0)
+    stop.set()
+    opened = sum(await asyncio.gather(*tasks))
+    mode = "reconnecting when closed" if args.reconnect else "each connecting once"
+    print(
+        f"lockout: {args.idle} idle connections from {args.addresses} addresses ({mode}; "
+        f"{opened} opened in all)\n"
+        f"legitimate success: {answered} of {args.legit} = {100 * answered / args.legit:.1f} % "
+        f"(goal >= 95 %)"
+        + (f"; median response {1000 * sorted(times)[len(times) // 2]:.1f} ms" if times else ""),
+        flush=True,
+    )
+
+
+async def flood(port: int, args: argparse.Namespace) -> int:
+    """Connections from 127.0.0.2, --flooders at a time, for --duration s; returns how many."""
+    deadline = time.monotonic() + args.duration
+    attempts = 0
+
+    async def one() -> None:
+        nonlocal attempts
+        while time.monotonic() < deadline and attempts < args.count:
+            attempts += 1
+            try:
+                reader, writer = await asyncio.open_connection(
+                    "127.0.0.1", port, local_addr=("127.0.0.2", 0)
+                )
+            except OSError:
+                continue
+            with contextlib.suppress(OSError, TimeoutError):
+                await asyncio.wait_for(reader.read(1), 1.0)
+            writer.close()
+
+    await asyncio.gather(*(one() for _ in range(args.flooders)))
+    return attempts
+
+
+def logflood(args: argparse.Namespace) -> None:
+    read_end, write_end = os.pipe()
+    lines = [0]
+
+    def count() -> None:
+        with os.fdopen(read_end, "rb") as log:
+            for _ in log:
+                lines[0] += 1
+
+    counter = threading.Thread(target=count, daemon=True)
+    counter.start()
+    with running_kmsd("--allow", "127.0.0.1/32", stderr=write_end) as kmsd:
+        os.close(write_end)
+        before = lines[0]
+        start = time.monotonic()
+        attempts = asyncio.run(flood(kmsd.port, args))
+        elapsed = time.monotonic() - start
+        during = lines[0] - before
+    counter.join(timeout=10)
+    print(
+        f"logflood: {attempts} connections refused in {elapsed:.1f} s "
+        f"({attempts / elapsed:.0f}/s); kmsd logged {during} lines = {during / elapsed:.1f} "
+        f"lines/s (all lines of the run: {lines[0]})"
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--hostile", type=int, default=1000, help="misbehaving connections (<= 5000)")
-    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--case", choices=("misbehave", "lockout", "logflood"), action="append")
+    p.add_argument("--hostile", type=int, default=1000, help="misbehave: connections (<= 5000)")
+    p.add_argument("--concurrency", type=int, default=8, help="misbehave: legitimate clients")
     p.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
-    p.add_argument("--count", type=int, default=20000, help="activations per measurement at most")
-    p.add_argument("--read-timeout", type=float, default=10.0)
+    p.add_argument("--count", type=int, default=20000, help="activations/connections at most")
+    p.add_argument("--read-timeout", type=float, default=10.0, help="misbehave: kmsd's")
+    p.add_argument("--idle", type=int, default=3000, help="lockout: connections (<= 5000)")
+    p.add_argument("--addresses", type=int, default=40, help="lockout: source addresses")
+    p.add_argument("--reconnect", action="store_true", help="lockout: reconnect when closed")
+    p.add_argument("--legit", type=int, default=35, help="lockout: legitimate activations")
+    p.add_argument("--timeout", type=float, default=5.0, help="lockout: per activation, s")
+    p.add_argument("--flooders", type=int, default=8, help="logflood: connections at a time")
     args = p.parse_args()
-    args.hostile = min(args.hostile, 5000)
+    args.hostile, args.idle = min(args.hostile, 5000), min(args.idle, 5000)
+    args.addresses = max(1, min(args.addresses, 200))
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, args.hostile + 1024)), hard))
-    with running_kmsd(
-        "--log-level",
-        "error",
-        "--max-connections",
-        str(args.hostile + 500),
-        "--read-timeout",
-        str(args.read_timeout),
-    ) as kmsd:
-        asyncio.run(measure(kmsd.port, args))
-    print(f"(kmsd pid {kmsd.process.pid}, loopback only; {os.cpu_count()} CPUs)")
+    need = max(args.hostile, args.idle) + 1024
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, need)), hard))
+    cases = args.case or ["misbehave", "lockout", "logflood"]
+    if "misbehave" in cases:
+        with running_kmsd(
+            *("--log-level", "error", "--max-connections", str(args.hostile + 500)),
+            *("--read-timeout", str(args.read_timeout)),
+        ) as kmsd:
+            asyncio.run(misbehave(kmsd.port, args))
+    if "lockout" in cases:
+        with running_kmsd("--log-level", "error") as kmsd:
+            asyncio.run(lockout(kmsd.port, args))
+    if "logflood" in cases:
+        logflood(args)
+    print(f"(loopback only; {os.cpu_count()} CPUs)")
 
 
 if __name__ == "__main__":

@@ -229,14 +229,15 @@ OPTIONS: tuple[Option, ...] = (
         "network",
         number(int, 1),
         1000,
-        "connections served at once; more are refused",
+        "connections served at once; when all are taken, the address holding the most "
+        "gives one up for a newcomer (its oldest without a request, else its idle longest)",
         "N",
     ),
     Option(
         "max_connections_per_ip",
         "network",
         number(int, 1),
-        256,
+        64,
         "connections served at once from one address; more are refused",
         "N",
     ),

@@ -1,72 +1,95 @@
-"""Who may connect and how much: allowed networks, connection caps, per-address request rate."""
+"""Who may connect and how much: allowed networks, connection caps, per-address request rate,
+and which connection gives way when every slot is taken."""
 
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+C = TypeVar("C", bound=Hashable)
 
 
 @dataclass(slots=True)
-class _Source:
-    connections: int = 0
+class _Source(Generic[C]):
+    """The open connections of one address, each oldest first: those that have not sent a
+    request yet (by when they opened), and those that have (by their last request)."""
+
+    unserved: dict[C, None] = field(default_factory=dict)
+    served: dict[C, None] = field(default_factory=dict)
     tokens: float = 0.0
     refilled: float = 0.0
 
+    @property
+    def connections(self) -> int:
+        return len(self.unserved) + len(self.served)
+
 
 @dataclass
-class Admission:
+class Admission(Generic[C]):
     """Connection admission and request rate, per source address.
 
-    State is kept only for addresses with an open connection, so it is bounded by
+    When all `max_connections` slots are taken, a newcomer is not refused: the address with
+    the most connections gives one up (the newcomer's own, when it has as many as any), the
+    one that has waited longest without a request, else the one idle longest. So idle
+    connections cannot lock real clients out, and one address's churn only displaces
+    its own. State is kept only for addresses with an open connection, so it is bounded by
     `max_connections`.
     """
 
     max_connections: int = 1000
-    max_per_ip: int = 256
+    max_per_ip: int = 64
     allow: tuple[Network, ...] = ()
     rate_per_ip: float = 0.0  # requests per second per address; 0: unlimited
-    _sources: dict[str, _Source] = field(default_factory=dict)
+    _sources: dict[str, _Source[C]] = field(default_factory=dict)
+    # connections -> addresses with that many, in the order they came to have it
+    _by_count: dict[int, dict[str, None]] = field(default_factory=dict)
+    _most: int = 0  # connections of the address with the most
     _total: int = 0
 
-    def admit(self, address: str, now: float) -> str | None:
-        """Register a new connection from `address`; returns why it is refused, or None."""
+    def admit(self, address: str, conn: C, now: float) -> tuple[str | None, C | None]:
+        """Register `conn`, new from `address`. Returns why it is refused (and None), or
+        None and the connection to close to make room for it (already forgotten here)."""
         if self.allow and not self.allowed(address):
-            return "address outside the allowed networks"
-        if self._total >= self.max_connections:
-            return f"{self.max_connections} connections already open"
+            return "address outside the allowed networks", None
         source = self._sources.get(address)
+        if source is not None and source.connections >= self.max_per_ip:
+            return f"{self.max_per_ip} connections already open from this address", None
+        victim = None
+        if self._total >= self.max_connections:
+            victim = self._victim(address)
+            source = self._sources.get(address)  # the victim may have been its last
         if source is None:
             burst = max(1.0, 2 * self.rate_per_ip)
             source = self._sources[address] = _Source(tokens=burst, refilled=now)
-        if source.connections >= self.max_per_ip:
-            return f"{self.max_per_ip} connections already open from this address"
-        source.connections += 1
+        source.unserved[conn] = None
+        self._counted(address, source.connections - 1, source.connections)
         self._total += 1
-        return None
+        return None, victim
 
-    def release(self, address: str) -> None:
+    def _victim(self, newcomer: str) -> C:
+        """Forget and return the connection that gives way to one from `newcomer`."""
+        own = self._sources.get(newcomer)
+        if own is not None and own.connections >= self._most:
+            address = newcomer
+        else:
+            address = next(iter(self._by_count[self._most]))
+        source = self._sources[address]
+        victim = next(iter(source.unserved or source.served))
+        self.release(address, victim)
+        return victim
+
+    def requested(self, address: str, conn: C, now: float) -> bool:
+        """`conn` sent a request: it is now the last of its address to give way. Spends one
+        request of the address's rate; False when it is over the limit."""
         source = self._sources.get(address)
         if source is None:
-            return
-        source.connections -= 1
-        self._total -= 1
-        if source.connections <= 0:
-            del self._sources[address]
-
-    def allowed(self, address: str) -> bool:
-        ip = ipaddress.ip_address(address.split("%")[0])
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        return any(ip in network for network in self.allow)
-
-    def take(self, address: str, now: float) -> bool:
-        """Spend one request of `address`'s rate; False when it is over the limit."""
-        if not self.rate_per_ip:
             return True
-        source = self._sources.get(address)
-        if source is None:
+        if source.unserved.pop(conn, False) is None or source.served.pop(conn, False) is None:
+            source.served[conn] = None  # to the end
+        if not self.rate_per_ip:
             return True
         burst = max(1.0, 2 * self.rate_per_ip)
         source.tokens = min(burst, source.tokens + (now - source.refilled) * self.rate_per_ip)
@@ -75,6 +98,42 @@ class Admission:
             return False
         source.tokens -= 1.0
         return True
+
+    def release(self, address: str, conn: C) -> bool:
+        """Forget a closed connection; False when it was not registered (or already gone)."""
+        source = self._sources.get(address)
+        if source is None:
+            return False
+        if source.unserved.pop(conn, False) is False and source.served.pop(conn, False) is False:
+            return False
+        self._total -= 1
+        self._counted(address, source.connections + 1, source.connections)
+        if not source.connections:
+            del self._sources[address]
+        return True
+
+    def _counted(self, address: str, before: int, after: int) -> None:
+        if before:
+            bucket = self._by_count[before]
+            del bucket[address]
+            if not bucket:
+                del self._by_count[before]
+        if after:
+            self._by_count.setdefault(after, {})[address] = None
+        self._most = max(self._most, after)
+        while self._most and self._most not in self._by_count:
+            self._most -= 1
+
+    def allowed(self, address: str) -> bool:
+        ip = ipaddress.ip_address(address.split("%")[0])
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip in network for network in self.allow)
+
+    def connections(self) -> Iterator[C]:
+        for source in self._sources.values():
+            yield from source.unserved
+            yield from source.served
 
     @property
     def open(self) -> int:

@@ -59,6 +59,7 @@ class Metrics:
         # (kind, code) -> errors; kinds: fault, bind_nak, close, kms_error, internal
         self.errors: dict[tuple[str, str], int] = {}
         self.accepted = 0
+        self.evicted = 0  # connections closed to make room for a new one
         self.refused: dict[str, int] = {}  # reason -> connections refused
         self.latency = [0] * (len(BUCKETS) + 1)  # per bucket, not cumulative; last: +Inf
         self.latency_sum = 0.0
@@ -126,8 +127,6 @@ class Metrics:
             kind = "not_allowed"
         elif reason.endswith("from this address"):
             kind = "per_address_limit"
-        elif reason.endswith("already open"):
-            kind = "connection_limit"
         else:
             kind = "other"
         self.refused[kind] = self.refused.get(kind, 0) + 1
@@ -195,6 +194,12 @@ class Metrics:
         sample("kmsd_connections_open", {}, open_connections)
         family("kmsd_connections_accepted_total", "counter", "KMS connections accepted.")
         sample("kmsd_connections_accepted_total", {}, self.accepted)
+        family(
+            "kmsd_connections_evicted_total",
+            "counter",
+            "KMS connections closed to make room for a new one (all slots were taken).",
+        )
+        sample("kmsd_connections_evicted_total", {}, self.evicted)
         family("kmsd_connections_refused_total", "counter", "KMS connections refused, by reason.")
         for reason, n in sorted(self.refused.items()):
             sample("kmsd_connections_refused_total", {"reason": reason}, n)

@@ -48,8 +48,8 @@ class ServerSettings:
     listen: tuple[tuple[str, int], ...] = (("0.0.0.0", KMS_PORT), ("::", KMS_PORT))
     idle_timeout: float = 30.0  # seconds without a byte before a connection is closed
     read_timeout: float = 10.0  # seconds a PDU may take to arrive once it has begun
-    max_connections: int = 1000
-    max_connections_per_ip: int = 256
+    max_connections: int = 1000  # when all are taken, one gives way to a newcomer (limits.py)
+    max_connections_per_ip: int = 64
     allow: tuple[Network, ...] = ()  # networks served; empty: everyone
     rate_per_ip: float = 0.0  # activation requests per second per address; 0: unlimited
     max_pdu: int = MAX_FRAG  # bytes; also the largest fragment offered in bind_ack
@@ -77,13 +77,12 @@ class KmsServer:
         self._all_closed = asyncio.Event()
         self.groups = AssociationGroups(settings.groups_seed)
         self.bind_answers = BindAnswers()
-        self.admission = Admission(
+        self.admission: Admission[_KmsProtocol] = Admission(
             settings.max_connections,
             settings.max_connections_per_ip,
             settings.allow,
             settings.rate_per_ip,
         )
-        self.connections: set[_KmsProtocol] = set()
         self.metrics = Metrics(host.products)
         self._servers: list[asyncio.Server] = []
         self.addresses: list[tuple[str, int]] = []
@@ -153,13 +152,16 @@ class KmsServer:
                     conn.transport.abort()
 
     @property
+    def connections(self) -> list[_KmsProtocol]:
+        return list(self.admission.connections())
+
+    @property
     def serving(self) -> bool:
         """Accepting connections on every listening socket."""
         return bool(self._servers) and all(s.is_serving() for s in self._servers)
 
-    def _forget(self, conn: _KmsProtocol) -> None:
-        self.connections.discard(conn)
-        if not self.connections:
+    def _closed(self) -> None:
+        if not self.admission.open:
             self._all_closed.set()
 
 
@@ -213,7 +215,9 @@ class _KmsProtocol(asyncio.Protocol):
         self.address = peer[0] if peer else "?"
         self.peer = join_host_port(peer[0], peer[1]) if peer else "?"
         loop = asyncio.get_running_loop()
-        refused = server.admission.admit(self.address, loop.time())
+        refused, victim = server.admission.admit(self.address, self, loop.time())
+        if victim is not None:
+            victim.evict()
         if refused is not None:
             log.warning("connection refused", client=self.peer, reason=refused)
             server.metrics.refused_connection(refused)
@@ -229,7 +233,6 @@ class _KmsProtocol(asyncio.Protocol):
             max_pdu=settings.max_pdu,
             answers=server.bind_answers,
         )
-        server.connections.add(self)
         self.last_seen = loop.time()
         self.timer = loop.call_later(
             min(settings.idle_timeout, settings.read_timeout), self._check_time
@@ -264,7 +267,7 @@ class _KmsProtocol(asyncio.Protocol):
         now = self.last_seen = asyncio.get_running_loop().time()
         for event in conn.feed(data):
             if isinstance(event, Call):
-                if not self.server.admission.take(self.address, now):
+                if not self.server.admission.requested(self.address, self, now):
                     log.warning("request refused", client=self.peer, reason="rate limit")
                     self.server.metrics.error("fault", "SERVER_TOO_BUSY")
                     self._send(event.fault(FaultStatus.SERVER_TOO_BUSY), None)
@@ -393,11 +396,22 @@ class _KmsProtocol(asyncio.Protocol):
     def resume_writing(self) -> None:
         self.transport.resume_reading()
 
+    def evict(self) -> None:
+        """Close at once: admission gave this connection's slot to a new one."""
+        log.warning(
+            "closing connection",
+            client=self.peer,
+            reason=f"{self.server.settings.max_connections} connections open: "
+            "made room for a new one",
+        )
+        self.server.metrics.evicted += 1
+        self.transport.abort()
+
     def connection_lost(self, exc: Exception | None) -> None:
         if self.timer is not None:
             self.timer.cancel()
         if self.conn is not None:
             self.conn.close()
-            self.server.admission.release(self.address)
-            self.server._forget(self)
+            self.server.admission.release(self.address, self)
+            self.server._closed()
             log.debug("connection closed", client=self.peer)

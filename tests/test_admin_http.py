@@ -249,15 +249,15 @@ async def test_metrics_after_known_activations(served: Served) -> None:
 def test_label_sets_stay_bounded() -> None:
     """Refusal reasons collapse into kinds; made-up products and applications into one."""
     metrics = Metrics()
-    admission = Admission(
-        max_connections=1, max_per_ip=5, allow=(ipaddress.ip_network("10.0.0.0/8"),)
+    admission: Admission[int] = Admission(
+        max_connections=2, max_per_ip=1, allow=(ipaddress.ip_network("10.0.0.0/8"),)
     )
-    assert admission.admit("10.0.0.1", 0) is None
-    for address in ("192.0.2.1", "10.0.0.2"):
-        reason = admission.admit(address, 0)
+    assert admission.admit("10.0.0.1", 1, 0) == (None, None)
+    for address in ("192.0.2.1", "10.0.0.1"):
+        reason, _ = admission.admit(address, 2, 0)
         assert reason is not None
         metrics.refused_connection(reason)
-    assert metrics.refused == {"not_allowed": 1, "connection_limit": 1}
+    assert metrics.refused == {"not_allowed": 1, "per_address_limit": 1}
     for i in range(100):
         metrics.activation(f"app {i}", f"product {i}", "6.0", 1, 25, "ws", "a", 0)
     assert list(metrics.activations) == [("unknown", "unknown", "6.0", "below_threshold")]

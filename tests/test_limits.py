@@ -23,25 +23,46 @@ TIMEOUT = 10.0
 
 
 def test_admission_caps_allow_list_and_rate() -> None:
-    adm = Admission(
+    adm: Admission[str] = Admission(
         max_connections=3,
         max_per_ip=2,
         allow=(ipaddress.ip_network("127.0.0.0/30"),),
         rate_per_ip=1.0,
     )
-    assert adm.admit("127.0.0.1", 0.0) is None
-    assert adm.admit("127.0.0.1", 0.0) is None
-    assert "from this address" in str(adm.admit("127.0.0.1", 0.0))
-    assert adm.admit("127.0.0.2", 0.0) is None
-    assert "3 connections already open" in str(adm.admit("127.0.0.3", 0.0))
-    assert "outside the allowed" in str(adm.admit("127.0.0.9", 0.0))
+    assert adm.admit("127.0.0.1", "a", 0.0) == (None, None)
+    assert adm.admit("127.0.0.1", "b", 0.0) == (None, None)
+    assert "from this address" in str(adm.admit("127.0.0.1", "c", 0.0)[0])
+    assert adm.admit("127.0.0.2", "d", 0.0) == (None, None)
+    assert "outside the allowed" in str(adm.admit("127.0.0.9", "e", 0.0)[0])
     assert adm.allowed("::ffff:127.0.0.1") and not adm.allowed("::1")
     # Rate: a burst of 2, then one per second.
-    assert [adm.take("127.0.0.2", 0.0) for _ in range(3)] == [True, True, False]
-    assert adm.take("127.0.0.2", 1.0) and not adm.take("127.0.0.2", 1.1)
-    for address in ("127.0.0.1", "127.0.0.1", "127.0.0.2"):
-        adm.release(address)
-    assert adm.open == 0 and adm.admit("127.0.0.3", 2.0) is None
+    assert [adm.requested("127.0.0.2", "d", 0.0) for _ in range(3)] == [True, True, False]
+    assert adm.requested("127.0.0.2", "d", 1.0) and not adm.requested("127.0.0.2", "d", 1.1)
+    for address, conn in (("127.0.0.1", "a"), ("127.0.0.1", "b"), ("127.0.0.2", "d")):
+        assert adm.release(address, conn)
+    assert not adm.release("127.0.0.2", "d")  # once only
+    assert adm.open == 0 and adm.admit("127.0.0.3", "f", 2.0) == (None, None)
+
+
+def test_a_full_table_makes_room_from_the_address_with_most() -> None:
+    adm: Admission[str] = Admission(max_connections=5, max_per_ip=4)
+    for conn in ("a1", "a2", "a3"):
+        assert adm.admit("A", conn, 0.0) == (None, None)
+    for conn in ("b1", "b2"):
+        assert adm.admit("B", conn, 0.0) == (None, None)
+    # Full. A has the most: its oldest that never sent a request gives way.
+    assert adm.requested("A", "a1", 0.0)
+    assert adm.admit("C", "c1", 0.0) == (None, "a2")
+    # A and B have two each; B came to have two first, so B gives way.
+    assert adm.admit("D", "d1", 0.0) == (None, "b1")
+    # A newcomer whose address has as many as any other displaces its own.
+    assert adm.admit("A", "a4", 0.0) == (None, "a3")
+    # Only connections that sent a request left in A: the one idle longest goes.
+    assert adm.requested("A", "a4", 1.0)
+    assert adm.admit("A", "a5", 0.0) == (None, "a1")
+    assert sorted(adm.connections()) == ["a4", "a5", "b2", "c1", "d1"] and adm.open == 5
+    assert not adm.release("A", "a2") and adm.release("A", "a5")
+    assert adm.admit("E", "e1", 0.0) == (None, None)
 
 
 async def start(**settings: object) -> KmsServer:
@@ -140,5 +161,82 @@ async def test_legitimate_clients_activate_under_many_idle_connections(hostile: 
         assert all(results)
     finally:
         for _, writer in idle:
+            writer.close()
+        await srv.stop()
+
+
+async def bound_and_idle(srv: KmsServer, source: str) -> tuple[asyncio.StreamWriter, int]:
+    """A connection that binds (so the server holds it) and then sends nothing; its port."""
+    reader, writer = await asyncio.open_connection(*srv.addresses[0], local_addr=(source, 0))
+    writer.write(RpcClient().bind())
+    assert await asyncio.wait_for(reader.read(4096), TIMEOUT)  # bind_ack
+    return writer, writer.get_extra_info("sockname")[1]
+
+
+def server_ports(srv: KmsServer) -> set[int]:
+    return {int(conn.peer.rsplit(":", 1)[1]) for conn in srv.connections}
+
+
+async def test_idle_connections_cannot_lock_out_a_client() -> None:
+    """Idle connections from four addresses take every slot: each new client takes the
+    place of the oldest connection of the address with the most (here each of them in
+    turn), which had not sent a request."""
+    assert SKU
+    srv = await start(max_connections=20, max_connections_per_ip=5)
+    idle, clients = [], []
+    try:
+        for i in range(20):
+            idle.append(await bound_and_idle(srv, f"127.0.0.{2 + i % 4}"))
+        assert srv.admission.open == 20
+        for _ in range(3):
+            clients.append(await KmsConnection.open(*srv.addresses[0]))
+        for conn in clients:
+            reply = await asyncio.wait_for(conn.activate(base_request(SKU)), TIMEOUT)
+            assert reply.base.count > 0
+        ports = server_ports(srv)
+        assert not ports & {port for _, port in idle[:3]}  # the oldest of .2, .3 and .4
+        assert {port for _, port in idle[3:]} <= ports
+        assert srv.metrics.evicted == 3 and srv.admission.open == 20
+    finally:
+        for conn in clients:
+            await conn.close()
+        for writer, _ in idle:
+            writer.close()
+        await srv.stop()
+
+
+async def test_connections_idle_after_a_request_make_room_by_last_request() -> None:
+    assert SKU
+    srv = await start(max_connections=6, max_connections_per_ip=10)
+    kept: list[KmsConnection] = []
+    try:
+        for _ in range(6):  # served once, then kept open and idle
+            conn = await KmsConnection.open(*srv.addresses[0])
+            await asyncio.wait_for(conn.activate(base_request(SKU)), TIMEOUT)
+            kept.append(conn)
+        await asyncio.wait_for(kept[0].activate(base_request(SKU)), TIMEOUT)  # now the newest
+        newcomer = await KmsConnection.open(*srv.addresses[0])
+        kept.append(newcomer)
+        assert await asyncio.wait_for(newcomer.activate(base_request(SKU)), TIMEOUT)
+        assert srv.metrics.evicted == 1
+        with pytest.raises((ConnectionError, asyncio.IncompleteReadError)):
+            await asyncio.wait_for(kept[1].activate(base_request(SKU)), TIMEOUT)
+        assert await asyncio.wait_for(kept[0].activate(base_request(SKU)), TIMEOUT)
+    finally:
+        for conn in kept:
+            await conn.close()
+        await srv.stop()
+
+
+async def test_a_full_address_is_refused_rather_than_evicting_others() -> None:
+    srv = await start(max_connections=4, max_connections_per_ip=2)
+    idle = []
+    try:
+        for source in ("127.0.0.2", "127.0.0.2", "127.0.0.3", "127.0.0.3"):
+            idle.append(await bound_and_idle(srv, source))
+        assert await closed_by_server("127.0.0.2", srv)  # at its own cap: refused
+        assert srv.metrics.evicted == 0 and srv.admission.open == 4
+    finally:
+        for writer, _ in idle:
             writer.close()
         await srv.stop()

@@ -78,22 +78,20 @@ async def test_idle_connection_is_closed() -> None:
         await srv.stop()
 
 
-async def test_connections_beyond_the_limit_are_refused_others_go_on() -> None:
+async def test_a_connection_beyond_the_limit_takes_the_place_of_the_oldest_idle() -> None:
     assert WIN
     srv = KmsServer(make_host(), ServerSettings(listen=((LOOPBACK, 0),), max_connections=2))
     await srv.start()
     try:
         a = await KmsConnection.open(*addr(srv))
         b = await KmsConnection.open(*addr(srv))
-        reader, writer = await asyncio.open_connection(*addr(srv))
+        c = await KmsConnection.open(*addr(srv))  # a, idle longest, gave way
+        assert (await b.activate(base_request(WIN))).base.count == 1
+        assert (await c.activate(base_request(WIN))).base.count == 2
         with pytest.raises((ConnectionError, asyncio.IncompleteReadError)):
-            writer.write(b"x" * 16)
-            await asyncio.wait_for(reader.readexactly(1), TIMEOUT)
-        writer.close()
-        assert (await a.activate(base_request(WIN))).base.count == 1
-        assert (await b.activate(base_request(WIN))).base.count == 2
-        await a.close()
-        await b.close()
+            await asyncio.wait_for(a.activate(base_request(WIN)), TIMEOUT)
+        for conn in (a, b, c):
+            await conn.close()
     finally:
         await srv.stop()
 
