@@ -147,6 +147,7 @@ async def serve(
     await server.drained()
     if watchdog is not None:
         watchdog.cancel()
+    logs.flush_suppressed()
     log.info("stopped")
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import structlog
 
+from .loglimit import LogLimiter
 from .text import inert
 
 
@@ -91,6 +92,14 @@ def plain_console(_: object, __: str, event: structlog.typing.EventDict) -> str:
     return f"{line}\n{exception}" if exception is not None else line
 
 
+limiter = LogLimiter()
+
+
+def flush_suppressed() -> None:
+    """Write the counts of suppressed lines now (at exit: the window may not have ended)."""
+    limiter.flush()
+
+
 def configure(fmt: str = "console", level: str = "info") -> None:
     set_level(level)
     renderers: list[structlog.typing.Processor]
@@ -102,6 +111,7 @@ def configure(fmt: str = "console", level: str = "info") -> None:
         renderers = [inert_values, plain_console]
     structlog.configure(
         processors=[
+            limiter,  # first: a suppressed line costs nothing more
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             timestamp,
