@@ -2,8 +2,10 @@
 probes, a JSON API and a status page, over a minimal HTTP/1.1 server on the daemon's loop.
 
 GET and HEAD only, one request per connection (Connection: close), request heads of at most
-MAX_HEAD bytes arriving within REQUEST_TIMEOUT seconds, at most MAX_CLIENTS at once. It has
-no authentication: keep it on loopback or a management network.
+MAX_HEAD bytes arriving within REQUEST_TIMEOUT seconds, at most MAX_CLIENTS at once: when all
+are taken, the connection that has waited longest for its request head is closed for the
+newcomer, so idle connections cannot keep health probes out. It has no authentication: keep
+it on loopback or a management network.
 
 /api/clients and /api/stats are what `kmsd clients --json` and `kmsd stats --json` print:
 the same reads of kmsd.store on the committed database, off the event loop.
@@ -36,8 +38,8 @@ from .store import SqliteStore, StoreError, app_name, resolve_app
 log = structlog.get_logger("kmsd")
 
 MAX_HEAD = 8192  # bytes of request line and headers
-REQUEST_TIMEOUT = 5.0  # seconds for the request head to arrive
-MAX_CLIENTS = 32  # admin connections served at once; more get 503
+REQUEST_TIMEOUT = 2.0  # seconds for the request head to arrive (a probe sends it at once)
+MAX_CLIENTS = 32  # admin connections at once; beyond, an idle one gives way, or else 503
 HEARTBEAT = 1.0  # seconds between event loop lag measurements
 JSON = "application/json"
 METRICS = "text/plain; version=0.0.4; charset=utf-8"
@@ -131,7 +133,8 @@ class AdminServer:
         self.loop_lag = 0.0
         self._server: asyncio.Server | None = None
         self._beat: asyncio.TimerHandle | None = None
-        self._clients: set[asyncio.Task[None]] = set()
+        # Connections being served, oldest first; True while waiting for the request head.
+        self._clients: dict[asyncio.Task[None], bool] = {}
         self.routes: dict[str, Callable[[dict[str, list[str]]], Any]] = {
             "/": self.status_page,
             "/metrics": self.metrics_text,
@@ -184,23 +187,34 @@ class AdminServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self._clients.add(task)
         try:
-            if len(self._clients) > MAX_CLIENTS:
-                response, head_only = error(503, "too many admin connections"), False
+            if len(self._clients) >= MAX_CLIENTS and not self._make_room():
+                response, head_only = error(503, "too many admin requests at once"), False
             else:
-                response, head_only = await self._respond(reader)
+                self._clients[task] = True
+                response, head_only = await self._respond(reader, task)
             writer.write(response.encode(head_only))
             await asyncio.wait_for(writer.drain(), REQUEST_TIMEOUT)
         except (ConnectionError, TimeoutError):
             pass
         finally:
-            self._clients.discard(task)
+            self._clients.pop(task, None)
             writer.close()
             with contextlib.suppress(ConnectionError, TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(writer.wait_closed(), REQUEST_TIMEOUT)
 
-    async def _respond(self, reader: asyncio.StreamReader) -> tuple[Response, bool]:
+    def _make_room(self) -> bool:
+        """Close the connection that has waited longest for its request head, if any."""
+        for task, idle in self._clients.items():
+            if idle:
+                del self._clients[task]
+                task.cancel()
+                return True
+        return False
+
+    async def _respond(
+        self, reader: asyncio.StreamReader, task: asyncio.Task[None]
+    ) -> tuple[Response, bool]:
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), REQUEST_TIMEOUT)
         except asyncio.LimitOverrunError:
@@ -211,6 +225,8 @@ class AdminServer:
             return error(400, "incomplete request"), False
         except TimeoutError:
             return error(408, f"no complete request within {REQUEST_TIMEOUT:g} s"), False
+        if task in self._clients:
+            self._clients[task] = False  # being answered: it no longer gives way
         line = head.split(b"\r\n", 1)[0].decode("latin-1")
         parts = line.split(" ")
         if len(parts) != 3 or not parts[1].startswith("/"):
