@@ -238,7 +238,7 @@ OPTIONS: tuple[Option, ...] = (
         "network",
         number(int, 1),
         64,
-        "connections served at once from one address; more are refused",
+        "connections served at once from one address (an IPv6 /64 counts as one); more are refused",
         "N",
     ),
     Option(

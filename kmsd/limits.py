@@ -4,12 +4,29 @@ and which connection gives way when every slot is taken."""
 from __future__ import annotations
 
 import ipaddress
+import socket
 from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 C = TypeVar("C", bound=Hashable)
+_V4_MAPPED = bytes(10) + b"\xff\xff"
+
+
+def source_of(address: str) -> str:
+    """Whose share a connection from `address` counts against: an IPv4 address, or the /64
+    of an IPv6 address (a host is usually given a whole /64 and may connect from any
+    address in it, so counting addresses would give it a share of the table each)."""
+    if ":" not in address:
+        return address
+    try:
+        packed = socket.inet_pton(socket.AF_INET6, address.split("%")[0])
+    except OSError:
+        return address
+    if packed[:12] == _V4_MAPPED:
+        return socket.inet_ntop(socket.AF_INET, packed[12:])
+    return socket.inet_ntop(socket.AF_INET6, packed[:8] + bytes(8)) + "/64"
 
 
 @dataclass(slots=True)
@@ -29,7 +46,8 @@ class _Source(Generic[C]):
 
 @dataclass
 class Admission(Generic[C]):
-    """Connection admission and request rate, per source address.
+    """Connection admission and request rate, per source address (an IPv6 /64 counting
+    as one address: see source_of).
 
     When all `max_connections` slots are taken, a newcomer is not refused: the address with
     the most connections gives one up (the newcomer's own, when it has as many as any), the
@@ -54,6 +72,7 @@ class Admission(Generic[C]):
         None and the connection to close to make room for it (already forgotten here)."""
         if self.allow and not self.allowed(address):
             return "address outside the allowed networks", None
+        address = source_of(address)
         source = self._sources.get(address)
         if source is not None and source.connections >= self.max_per_ip:
             return f"{self.max_per_ip} connections already open from this address", None
@@ -84,7 +103,7 @@ class Admission(Generic[C]):
     def requested(self, address: str, conn: C, now: float) -> bool:
         """`conn` sent a request: it is now the last of its address to give way. Spends one
         request of the address's rate; False when it is over the limit."""
-        source = self._sources.get(address)
+        source = self._sources.get(source_of(address))
         if source is None:
             return True
         if source.unserved.pop(conn, False) is None or source.served.pop(conn, False) is None:
@@ -101,6 +120,7 @@ class Admission(Generic[C]):
 
     def release(self, address: str, conn: C) -> bool:
         """Forget a closed connection; False when it was not registered (or already gone)."""
+        address = source_of(address)
         source = self._sources.get(address)
         if source is None:
             return False

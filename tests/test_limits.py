@@ -8,7 +8,7 @@ import ipaddress
 import pytest
 
 from kmsclient.session import KmsConnection, RpcClient, base_request
-from kmsd.limits import Admission
+from kmsd.limits import Admission, source_of
 from kmsd.protocol import ndr
 from kmsd.protocol.errors import FaultStatus
 from kmsd.protocol.kms import encode_request
@@ -63,6 +63,25 @@ def test_a_full_table_makes_room_from_the_address_with_most() -> None:
     assert sorted(adm.connections()) == ["a4", "a5", "b2", "c1", "d1"] and adm.open == 5
     assert not adm.release("A", "a2") and adm.release("A", "a5")
     assert adm.admit("E", "e1", 0.0) == (None, None)
+
+
+def test_an_ipv6_64_counts_as_one_address() -> None:
+    assert source_of("127.0.0.1") == "127.0.0.1"
+    assert source_of("::ffff:10.1.2.3") == "10.1.2.3"
+    assert (
+        source_of("2001:db8:1:2:aaaa::1")
+        == source_of("2001:db8:1:2::ffff")
+        == ("2001:db8:1:2::/64")
+    )
+    assert source_of("fe80::1%eth0") == "fe80::/64" and source_of("?") == "?"
+    adm: Admission[str] = Admission(max_connections=10, max_per_ip=2, rate_per_ip=1.0)
+    assert adm.admit("2001:db8::1", "a", 0.0) == (None, None)
+    assert adm.admit("2001:db8::2", "b", 0.0) == (None, None)
+    assert "from this address" in str(adm.admit("2001:db8::3", "c", 0.0)[0])
+    assert adm.admit("2001:db8:0:1::1", "d", 0.0) == (None, None)  # another /64
+    assert [adm.requested("2001:db8::9", "a", 0.0) for _ in range(3)] == [True, True, False]
+    assert adm.release("2001:db8::1", "a") and adm.release("2001:db8::2", "b")
+    assert adm.open == 1
 
 
 async def start(**settings: object) -> KmsServer:
