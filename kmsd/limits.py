@@ -36,12 +36,9 @@ class _Source(Generic[C]):
 
     unserved: dict[C, None] = field(default_factory=dict)
     served: dict[C, None] = field(default_factory=dict)
+    connections: int = 0  # len(unserved) + len(served)
     tokens: float = 0.0
     refilled: float = 0.0
-
-    @property
-    def connections(self) -> int:
-        return len(self.unserved) + len(self.served)
 
 
 @dataclass
@@ -84,6 +81,7 @@ class Admission(Generic[C]):
             burst = max(1.0, 2 * self.rate_per_ip)
             source = self._sources[address] = _Source(tokens=burst, refilled=now)
         source.unserved[conn] = None
+        source.connections += 1
         self._counted(address, source.connections - 1, source.connections)
         self._total += 1
         return None, victim
@@ -127,22 +125,29 @@ class Admission(Generic[C]):
         if source.unserved.pop(conn, False) is False and source.served.pop(conn, False) is False:
             return False
         self._total -= 1
+        source.connections -= 1
         self._counted(address, source.connections + 1, source.connections)
         if not source.connections:
             del self._sources[address]
         return True
 
     def _counted(self, address: str, before: int, after: int) -> None:
+        """`address` went from `before` connections to `after` (one more or one less)."""
+        by_count = self._by_count
         if before:
-            bucket = self._by_count[before]
+            bucket = by_count[before]
             del bucket[address]
             if not bucket:
-                del self._by_count[before]
+                del by_count[before]
+                if before == self._most:  # the one that had the most has one less
+                    self._most = after
         if after:
-            self._by_count.setdefault(after, {})[address] = None
-        self._most = max(self._most, after)
-        while self._most and self._most not in self._by_count:
-            self._most -= 1
+            if after in by_count:
+                by_count[after][address] = None
+            else:
+                by_count[after] = {address: None}
+            if after > self._most:
+                self._most = after
 
     def allowed(self, address: str) -> bool:
         ip = ipaddress.ip_address(address.split("%")[0])

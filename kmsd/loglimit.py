@@ -95,7 +95,7 @@ class LogLimiter:
             self._timer = None
         kinds, self.kinds, self.per = self.kinds, {}, {}
         self.ends = 0.0
-        for (level, name), kind in kinds.items():
+        for (level, name), kind in list(kinds.items()):
             if kind.suppressed:
                 self.report(level, name, kind.suppressed, len(kind.addresses - {""}))
 
