@@ -6,6 +6,8 @@ import asyncio
 import ipaddress
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kmsclient.session import KmsConnection, RpcClient, base_request
 from kmsd.limits import Admission, source_of
@@ -259,3 +261,44 @@ async def test_a_full_address_is_refused_rather_than_evicting_others() -> None:
         for writer, _ in idle:
             writer.close()
         await srv.stop()
+
+
+@settings(max_examples=300, derandomize=True)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["admit", "request", "close"]), st.integers(0, 5), st.integers()),
+        max_size=80,
+    )
+)
+def test_admission_bookkeeping_holds_under_any_sequence(
+    steps: list[tuple[str, int, int]],
+) -> None:
+    """Whatever opens, sends and closes: the counts agree with the connections, the table
+    never overflows, and a victim always comes from an address that had the most (or from
+    the newcomer's own)."""
+    adm: Admission[int] = Admission(max_connections=6, max_per_ip=4)
+    open_: dict[int, str] = {}
+    for n, (action, who, pick) in enumerate(steps):
+        address = f"10.0.0.{who}"
+        if action == "admit":
+            counts = {a: list(open_.values()).count(a) for a in set(open_.values())}
+            refused, victim = adm.admit(address, n, 0.0)
+            if refused is not None:
+                assert counts.get(address, 0) == 4
+                continue
+            open_[n] = address
+            if victim is not None:
+                assert len(counts) and sum(counts.values()) == 6
+                most = max(counts.values())
+                assert open_[victim] == address or counts[open_[victim]] == most
+                del open_[victim]
+        elif open_:
+            conn = sorted(open_)[pick % len(open_)]
+            if action == "request":
+                assert adm.requested(open_[conn], conn, 0.0)
+            else:
+                assert adm.release(open_.pop(conn), conn)
+        assert adm.open == len(open_) <= 6
+        assert sorted(adm.connections()) == sorted(open_)
+        counts = {a: list(open_.values()).count(a) for a in set(open_.values())}
+        assert adm._most == max(counts.values(), default=0)
