@@ -22,6 +22,13 @@ def split_host_port(text: str, default_port: int, *, min_port: int = 1) -> tuple
     return host, int(port)
 
 
+def parse_bind_address(text: str, default_port: int) -> tuple[str, int]:
+    """A local address to listen on: HOST:PORT, [IPv6]:PORT, HOST alone (`default_port`) or
+    :PORT (every IPv4 address); port 0 lets the system choose."""
+    host, port = split_host_port(text, default_port, min_port=0)
+    return host or "0.0.0.0", port
+
+
 def join_host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 from uuid import UUID
 
-from .protocol.kms import BaseRequest
+if TYPE_CHECKING:
+    from .protocol.kms import BaseRequest
 
 RECORD_LIFETIME = 30 * 24 * 3600.0
 MAX_REQUIRED_COUNT = 1000  # larger N policies are refused (PROTOCOL.md §5.2)

@@ -1,9 +1,13 @@
-"""Every option of kmsd, once: its command-line flag, environment variable and TOML key.
+"""Every option of kmsd, once: its command-line flag, environment variable, TOML key, default,
+range and unit; and the one typed `Settings` every command is given.
 
 Precedence: command line > environment (KMSD_*) > configuration file > defaults. The
 file is `--config PATH`, else $KMSD_CONFIG, else /etc/kmsd/kmsd.toml when it exists. Its
 tables are the option groups below ([network], [host], [table], [dns], [logging],
 [process]).
+
+This module loads nothing heavy at import (no SQLite, no host, no crypto): `kmsd dns-serve`
+reads its options through it too. `build` imports the modules whose settings types it makes.
 """
 
 from __future__ import annotations
@@ -11,16 +15,18 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import socket
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
-from .addresses import join_host_port, parse_ip_port, split_host_port
+from .addresses import join_host_port, parse_bind_address, parse_ip_port
 from .cache import RECORD_LIFETIME
 from .eventloop import CHOICES as LOOPS
+from .files import read_text
 from .privileges import find_user
 from .protocol.constants import (
     DEFAULT_ACTIVATION_INTERVAL,
@@ -28,14 +34,28 @@ from .protocol.constants import (
     DNS_PORT,
     KMS_PORT,
 )
-from .protocol.epid import parse_epid
-from .protocol.products import products
 from .protocol.rpc import MAX_FRAG, MUST_RECV_FRAG
-from .store import MEMORY, default_path
+
+if TYPE_CHECKING:
+    from .dns.publish import PublishSettings
+    from .host import HostPolicy
+    from .limits import Network
+    from .server import ServerSettings
+    from .store import StoreSettings
 
 DEFAULT_ADMIN_PORT = 9688
 DEFAULT_CONFIG = Path("/etc/kmsd/kmsd.toml")
 ENV_PREFIX = "KMSD_"
+MINUTE, HOUR, DAY = 60.0, 3600.0, 86400.0
+
+
+def default_path() -> Path:
+    """$STATE_DIRECTORY (systemd), else $XDG_STATE_HOME or ~/.local/state, /kmsd/kmsd.db."""
+    state = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+    if state:
+        return Path(state) / "kmsd.db"
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "kmsd" / "kmsd.db"
 
 
 class ConfigError(Exception):
@@ -45,14 +65,9 @@ class ConfigError(Exception):
 # Parsers: text in, value out, ValueError with a message that stands on its own.
 
 
-def _bind_address(text: str, default_port: int) -> tuple[str, int]:
-    host, port = split_host_port(text, default_port, min_port=0)
-    return host or "0.0.0.0", port
-
-
 def parse_listen(text: str) -> tuple[str, int]:
     """HOST:PORT, [IPv6]:PORT, HOST (port 1688) or :PORT (all IPv4 addresses)."""
-    return _bind_address(text, KMS_PORT)
+    return parse_bind_address(text, KMS_PORT)
 
 
 def show_listen(value: tuple[str, int]) -> str:
@@ -61,7 +76,7 @@ def show_listen(value: tuple[str, int]) -> str:
 
 def parse_admin(text: str) -> tuple[str, int]:
     """The admin endpoint: HOST:PORT, [IPv6]:PORT, or HOST alone (port 9688)."""
-    return _bind_address(text, DEFAULT_ADMIN_PORT)
+    return parse_bind_address(text, DEFAULT_ADMIN_PORT)
 
 
 def parse_hwid(text: str) -> bytes:
@@ -76,6 +91,9 @@ def parse_hwid(text: str) -> bytes:
 
 def parse_epid_override(text: str) -> tuple[UUID, str]:
     """KMS=EPID, where KMS is a KMS counted ID or the name of a KMS group or SKU."""
+    from .protocol.epid import parse_epid  # the product list, loaded only when named
+    from .protocol.products import products
+
     kms, sep, epid = text.partition("=")
     if not sep:
         raise ValueError(f"{text!r}: expected KMS-ID-OR-NAME=EPID")
@@ -93,7 +111,7 @@ def parse_epid_override(text: str) -> tuple[UUID, str]:
     raise ValueError(f"{kms!r} is neither a GUID nor a known KMS group or SKU")
 
 
-def parse_network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+def parse_network(text: str) -> Network:
     try:
         return ipaddress.ip_network(text, strict=False)
     except ValueError:
@@ -174,6 +192,7 @@ class Option:
     flag: bool = False  # a boolean switch; a default-true one is turned off by --no-NAME
     reload: bool = False  # SIGHUP applies a change without a restart
     show: Callable[[Any], str] = str
+    unit: float = 1.0  # seconds per unit of a time given in minutes, hours or days
 
     @property
     def cli(self) -> str:
@@ -354,6 +373,7 @@ OPTIONS: tuple[Option, ...] = (
         "(a real host allows 4); default: accept any time",
         "HOURS",
         reload=True,
+        unit=HOUR,
     ),
     Option(
         "verify",
@@ -378,8 +398,7 @@ OPTIONS: tuple[Option, ...] = (
         "table",
         str,
         str(default_path()),
-        f"SQLite database of the client table and the host's identity; {MEMORY} for a "
-        "throwaway run",
+        "SQLite database of the client table and the host's identity; :memory: for a throwaway run",
         "PATH",
     ),
     Option(
@@ -390,6 +409,7 @@ OPTIONS: tuple[Option, ...] = (
         "days kmsd keeps the last request of a client that is no longer in the table "
         "(kmsd clients shows the table; 0 keeps them for ever)",
         "DAYS",
+        unit=DAY,
     ),
     Option(
         "synchronous",
@@ -433,9 +453,10 @@ OPTIONS: tuple[Option, ...] = (
         "record_lifetime",
         "table",
         number(float, 0.001),
-        RECORD_LIFETIME / 86400,
+        RECORD_LIFETIME / DAY,
         "lab override: days a client's record counts (a real host: 30)",
         "DAYS",
+        unit=DAY,
     ),
     Option(
         "publish_zone",
@@ -552,16 +573,141 @@ BY_NAME = {o.name: o for o in OPTIONS}
 SECTIONS = tuple(dict.fromkeys(o.section for o in OPTIONS))
 
 
+# The typed settings: what the options mean to the parts of kmsd, in their units (seconds).
+
+
+@dataclass(frozen=True)
+class HostSettings:
+    policy: HostPolicy
+    hwid: bytes | None  # the operator's; None: the one kept in the database
+    epids: tuple[tuple[UUID, str], ...]  # KMS counted ID -> ePID the operator fixed
+    clock_file: Path | None  # tests and simulations: the time comes from this file
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    format: str  # console or json
+    level: str
+
+
+@dataclass(frozen=True)
+class ProcessSettings:
+    user: str | None  # run as this user once bound (started as root)
+    loop: str  # event loop: auto, uvloop or asyncio
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything kmsd is told, resolved and checked once, typed and in seconds."""
+
+    network: ServerSettings
+    admin: tuple[str, int] | None  # the admin endpoint's address; None: off
+    host: HostSettings
+    table: StoreSettings
+    dns: PublishSettings | None  # None: no publication
+    logging: LogSettings
+    process: ProcessSettings
+
+
 @dataclass
 class Effective:
-    """The options in force, and where each value came from."""
+    """The options in force (in the units people write), and where each value came from."""
 
     values: dict[str, Any]
     sources: dict[str, str]
     config_file: Path | None
 
-    def namespace(self) -> argparse.Namespace:
-        return argparse.Namespace(**self.values)
+    def value(self, name: str) -> Any:
+        """An option's value in seconds when it is a time (None stays None)."""
+        option = BY_NAME[name]
+        value = self.values[name]
+        return value if value is None or option.unit == 1.0 else value * option.unit
+
+
+def log_settings(effective: Effective) -> LogSettings:
+    return LogSettings(effective.value("log_format"), effective.value("log_level"))
+
+
+def build(effective: Effective) -> Settings:
+    """The typed settings of `effective`; ConfigError when a file it names is unusable."""
+    from .host import HostPolicy
+    from .server import ServerSettings
+    from .store import StoreSettings
+
+    v = effective.value
+    listen = tuple(v("listen"))
+    if effective.sources["listen"] == "default" and not _ipv6_available():
+        listen = listen[:1]
+    return Settings(
+        network=ServerSettings(
+            listen=listen,
+            idle_timeout=v("idle_timeout"),
+            read_timeout=v("read_timeout"),
+            max_connections=v("max_connections"),
+            max_connections_per_ip=v("max_connections_per_ip"),
+            allow=tuple(v("allow")),
+            rate_per_ip=v("rate_per_ip"),
+            max_pdu=v("max_pdu"),
+            ndr64=v("ndr64"),
+            btfn=v("btfn"),
+        ),
+        admin=v("admin"),
+        host=HostSettings(
+            policy=HostPolicy(
+                activation_interval=v("activation_interval"),
+                renewal_interval=v("renewal_interval"),
+                strict=v("strict"),
+                verify=v("verify"),
+                max_clock_skew=v("max_clock_skew"),
+                fixed_count=v("fixed_count"),
+                precharge=v("precharge"),
+            ),
+            hwid=v("hwid"),
+            epids=tuple(v("epid")),
+            clock_file=Path(v("clock_file")) if v("clock_file") else None,
+        ),
+        table=StoreSettings(
+            path=v("db"),
+            lifetime=v("record_lifetime"),
+            history=v("history_days") or None,
+            synchronous=v("synchronous"),
+            capacity=v("capacity"),
+        ),
+        dns=_publish_settings(effective),
+        logging=log_settings(effective),
+        process=ProcessSettings(user=v("user"), loop=v("loop")),
+    )
+
+
+def _publish_settings(effective: Effective) -> PublishSettings | None:
+    v = effective.value
+    zone = v("publish_zone")
+    if zone is None:
+        return None
+    from .dns import publish  # dnspython is loaded only by a kmsd that publishes
+
+    try:
+        return publish.make_settings(
+            zone=zone,
+            host=v("publish_host") or f"{socket.gethostname().split('.')[0]}.{zone}",
+            server=v("publish_server"),
+            key=Path(v("publish_key")) if v("publish_key") else None,
+            addresses=tuple(v("publish_address")),
+            priority=v("publish_priority"),
+            weight=v("publish_weight"),
+            ttl=v("publish_ttl"),
+            interval=v("publish_interval"),
+        )
+    except ValueError as exc:
+        raise ConfigError(f"{BY_NAME['publish_key'].key}: {exc}") from None
+
+
+def _ipv6_available() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM):
+            return True
+    except OSError:
+        return False
 
 
 def _argparse_type(option: Option) -> Callable[[str], Any]:
@@ -574,8 +720,9 @@ def _argparse_type(option: Option) -> Callable[[str], Any]:
     return convert
 
 
-def add_options(parser: argparse.ArgumentParser) -> None:
-    """Add every option to `parser`; unset options stay absent from the namespace."""
+def add_options(parser: argparse.ArgumentParser, names: Collection[str] | None = None) -> None:
+    """Add --config and the options (all, or those `names`) to `parser`; unset options stay
+    absent from the namespace."""
     parser.add_argument(
         "--config",
         metavar="PATH",
@@ -583,8 +730,9 @@ def add_options(parser: argparse.ArgumentParser) -> None:
         help=f"TOML configuration file (default: $KMSD_CONFIG, else "
         f"{DEFAULT_CONFIG} when it exists)",
     )
-    groups = {s: parser.add_argument_group(s) for s in SECTIONS}
-    for option in OPTIONS:
+    chosen = [o for o in OPTIONS if names is None or o.name in names]
+    groups = {s: parser.add_argument_group(s) for s in dict.fromkeys(o.section for o in chosen)}
+    for option in chosen:
         default = option.default
         if option.repeat:
             shown = ", ".join(option.show(v) for v in default) if default else None
@@ -635,7 +783,7 @@ def _from_toml(option: Option, value: object) -> Any:
 def read_file(path: Path) -> dict[str, Any]:
     """The options of a TOML file; ConfigError lists every problem, by key."""
     try:
-        data = tomllib.loads(path.read_text("utf-8"))
+        data = tomllib.loads(read_text(path))
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
@@ -698,6 +846,22 @@ def resolve(cli: dict[str, Any], environ: Mapping[str, str] = os.environ) -> Eff
             values[name] = value
             sources[name] = source
     return Effective(values, sources, config_file)
+
+
+def load(
+    cli: dict[str, Any], environ: Mapping[str, str] = os.environ
+) -> tuple[Effective, Settings]:
+    """The configuration every command runs with: resolved, checked and typed."""
+    effective = resolve(cli, environ)
+    return effective, build(effective)
+
+
+def defaults(**values: Any) -> Settings:
+    """The settings of the option table alone (no file, no environment) but for `values`
+    (option name: value as parsed), for tests and tools."""
+    given = {o.name: o.default for o in OPTIONS} | values
+    sources = {name: "given" if name in values else "default" for name in given}
+    return build(Effective(given, sources, None))
 
 
 def render(effective: Effective) -> str:

@@ -54,10 +54,10 @@ class Admission(Generic[C]):
     `max_connections`.
     """
 
-    max_connections: int = 1000
-    max_per_ip: int = 64
-    allow: tuple[Network, ...] = ()
-    rate_per_ip: float = 0.0  # requests per second per address; 0: unlimited
+    max_connections: int
+    max_per_ip: int
+    allow: tuple[Network, ...]
+    rate_per_ip: float  # requests per second per address; 0: unlimited
     _sources: dict[str, _Source[C]] = field(default_factory=dict)
     # connections -> addresses with that many, in the order they came to have it
     _by_count: dict[int, dict[str, None]] = field(default_factory=dict)

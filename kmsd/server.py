@@ -27,9 +27,7 @@ from .protocol.connection import (
     Send,
     ServerConnection,
 )
-from .protocol.constants import KMS_PORT
 from .protocol.errors import FaultStatus, KmsError
-from .protocol.rpc import MAX_FRAG
 
 log = structlog.get_logger("kmsd")
 
@@ -45,16 +43,18 @@ class Durable(Protocol):
 
 @dataclass(frozen=True)
 class ServerSettings:
-    listen: tuple[tuple[str, int], ...] = (("0.0.0.0", KMS_PORT), ("::", KMS_PORT))
-    idle_timeout: float = 30.0  # seconds without a byte before a connection is closed
-    read_timeout: float = 10.0  # seconds a PDU may take to arrive once it has begun
-    max_connections: int = 1000  # when all are taken, one gives way to a newcomer (limits.py)
-    max_connections_per_ip: int = 64
-    allow: tuple[Network, ...] = ()  # networks served; empty: everyone
-    rate_per_ip: float = 0.0  # activation requests per second per address; 0: unlimited
-    max_pdu: int = MAX_FRAG  # bytes; also the largest fragment offered in bind_ack
-    ndr64: bool = True
-    btfn: bool = True
+    """The [network] options the server uses (defaults: kmsd.config.OPTIONS)."""
+
+    listen: tuple[tuple[str, int], ...]
+    idle_timeout: float  # seconds without a byte before a connection is closed
+    read_timeout: float  # seconds a PDU may take to arrive once it has begun
+    max_connections: int  # when all are taken, one gives way to a newcomer (limits.py)
+    max_connections_per_ip: int
+    allow: tuple[Network, ...]  # networks served; empty: everyone
+    rate_per_ip: float  # activation requests per second per address; 0: unlimited
+    max_pdu: int  # bytes; also the largest fragment offered in bind_ack
+    ndr64: bool
+    btfn: bool
     groups_seed: int = field(default_factory=lambda: int.from_bytes(os.urandom(4), "little"))
 
 
@@ -64,7 +64,7 @@ class KmsServer:
     def __init__(
         self,
         host: KmsHost,
-        settings: ServerSettings = ServerSettings(),
+        settings: ServerSettings,
         *,
         clock: Callable[[], float] = time.time,
         store: Durable | None = None,

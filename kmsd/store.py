@@ -34,7 +34,7 @@ from uuid import UUID
 
 import structlog
 
-from .cache import RECORD_LIFETIME, MemoryCounter
+from .cache import MemoryCounter
 from .commit import Commit
 from .protocol.kms import BaseRequest
 from .protocol.products import products
@@ -103,20 +103,22 @@ POLL_SECONDS = 0.25  # how often the loop looks for admin commands and checkpoin
 BUSY_MS = 100  # how long a commit waits for another process's write (admin commands)
 MAX_BACKOFF = 5.0
 PRUNE_EVERY = 3600.0  # seconds between prunings of the client history
-DEFAULT_HISTORY = 180 * 86400.0  # a client not seen for this long drops out of the history
 
 
 class StoreError(Exception):
     """The database cannot be used; the message says why and what to do."""
 
 
-def default_path() -> Path:
-    """$STATE_DIRECTORY (systemd), else $XDG_STATE_HOME or ~/.local/state, /kmsd/kmsd.db."""
-    state = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
-    if state:
-        return Path(state) / "kmsd.db"
-    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(base) / "kmsd" / "kmsd.db"
+@dataclass(frozen=True)
+class StoreSettings:
+    """The [table] options the store uses (defaults: kmsd.config.OPTIONS)."""
+
+    path: str  # the database file; MEMORY: a throwaway one
+    lifetime: float  # seconds a client's record counts
+    history: float | None  # seconds a client's last request is kept; None: for ever
+    synchronous: str  # "normal": a commit is in the write-ahead log (safe from any crash of
+    # the process); "full": the log is also flushed to disk (safe from power loss)
+    capacity: int | None  # lab override: a fixed table size
 
 
 def connect(path: str, *, create: bool, synchronous: str = "full") -> sqlite3.Connection:
@@ -248,21 +250,12 @@ class SqliteStore:
     """A CountStore whose working copy is in memory and whose changes are committed in
     groups on the event loop's thread."""
 
-    def __init__(
-        self,
-        path: str,
-        *,
-        known: frozenset[UUID] = frozenset(),
-        lifetime: float = RECORD_LIFETIME,
-        fixed_capacity: int | None = None,
-        synchronous: str = "normal",
-        history: float | None = DEFAULT_HISTORY,
-    ) -> None:
-        """`synchronous`: "normal" commits to the write-ahead log (safe from any crash of
-        the process), "full" also flushes it to disk (safe from power loss)."""
-        self.path = path
-        self.synchronous = synchronous
-        self.history = history  # seconds; None keeps every client's last request for ever
+    def __init__(self, settings: StoreSettings, *, known: frozenset[UUID] = frozenset()) -> None:
+        """`known`: the applications whose tables are kept however stale they are."""
+        self.settings = settings
+        self.path = path = settings.path
+        self.synchronous = settings.synchronous
+        self.history = settings.history
         self._latest = 0.0  # the latest time counted (the host's clock, maybe virtual)
         self._next_prune = 0.0
         if path != MEMORY:
@@ -278,7 +271,7 @@ class SqliteStore:
             raise
         self.db.execute(f"PRAGMA busy_timeout={BUSY_MS}")
         self.db.execute("PRAGMA wal_autocheckpoint=0")  # checkpoints run in a thread
-        self.counter = MemoryCounter(known, lifetime, fixed_capacity=fixed_capacity)
+        self.counter = MemoryCounter(known, settings.lifetime, fixed_capacity=settings.capacity)
         self._written: dict[UUID, _Written] = {}
         self._text: dict[UUID, str] = {}  # str() of the few application/SKU/KMS IDs
         self._load()

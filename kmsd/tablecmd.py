@@ -18,6 +18,7 @@ from typing import Any, TextIO
 from uuid import UUID
 
 from .cache import RECORD_LIFETIME
+from .config import default_path
 from .store import (
     FORGET,
     RESET,
@@ -25,7 +26,6 @@ from .store import (
     app_name,
     change,
     connect,
-    default_path,
     read_clients,
     read_stats,
     resolve_app,

@@ -10,16 +10,40 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from kmsd.cache import MemoryCounter
+from kmsd.config import defaults
 from kmsd.host import HostIdentity, HostPolicy, KmsHost
 from kmsd.protocol.products import products
 from kmsd.server import KmsServer, ServerSettings
+from kmsd.store import StoreSettings
+
+if TYPE_CHECKING:
+    from kmsd.dns.publish import PublishSettings
 
 LOOPBACK = "127.0.0.1"
+
+
+def server_settings(**changes: Any) -> ServerSettings:
+    """kmsd's default network settings, listening on an ephemeral loopback port."""
+    return replace(defaults().network, **{"listen": ((LOOPBACK, 0),), **changes})
+
+
+def publish_settings(zone: str = "lab.test", **changes: Any) -> PublishSettings:
+    """kmsd's default publication settings for `zone`, with the target kms1.<zone>."""
+    settings = defaults(publish_zone=zone, publish_host=f"kms1.{zone}").dns
+    assert settings is not None
+    return replace(settings, **changes)
+
+
+def table_settings(path: str | Path, **changes: Any) -> StoreSettings:
+    """kmsd's default table settings, with the database at `path`."""
+    return replace(defaults().table, path=str(path), **changes)
 
 
 def make_host(policy: HostPolicy = HostPolicy()) -> KmsHost:
@@ -33,7 +57,7 @@ def make_host(policy: HostPolicy = HostPolicy()) -> KmsHost:
 @pytest.fixture
 async def server() -> AsyncIterator[KmsServer]:
     """kmsd serving on an ephemeral loopback port inside the test's event loop."""
-    srv = KmsServer(make_host(), ServerSettings(listen=((LOOPBACK, 0),)))
+    srv = KmsServer(make_host(), server_settings())
     await srv.start()
     yield srv
     await srv.stop()

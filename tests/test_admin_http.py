@@ -24,17 +24,25 @@ import pytest
 
 from kmsclient.session import HostRefused, KmsConnection, base_request
 from kmsd import web
+from kmsd.config import defaults
 from kmsd.host import HostIdentity, HostPolicy, KmsHost
 from kmsd.limits import Admission
 from kmsd.metrics import Metrics, publisher_state
 from kmsd.protocol.kms import BaseRequest
 from kmsd.protocol.products import products
 from kmsd.protocol.rpc import DREP_LE, HEADER
-from kmsd.server import KmsServer, ServerSettings
+from kmsd.server import KmsServer
 from kmsd.store import MEMORY, SqliteStore
 from kmsd.text import UNSAFE, inert
 from tests.cdp import Browser
-from tests.conftest import LOOPBACK, KmsdProcess, start_kmsd, stop_kmsd
+from tests.conftest import (
+    LOOPBACK,
+    KmsdProcess,
+    server_settings,
+    start_kmsd,
+    stop_kmsd,
+    table_settings,
+)
 
 DB = products()
 WIN = DB.sku_by_name("Windows 10/11 Enterprise")
@@ -61,12 +69,12 @@ class Served:
 
 
 async def serve(path: str) -> Served:
-    store = SqliteStore(path, known=frozenset(DB.applications))
+    store = SqliteStore(table_settings(path), known=frozenset(DB.applications))
     identity = HostIdentity(hwid=bytes.fromhex("0123456789abcdef"))
     identity.complete(DB, os.urandom, time.time())
     host = KmsHost(store, identity, HostPolicy())
     store.start(asyncio.get_running_loop())
-    kms = KmsServer(host, ServerSettings(listen=((LOOPBACK, 0),)), store=store)
+    kms = KmsServer(host, server_settings(), store=store)
     await kms.start()
     admin = await web.start((LOOPBACK, 0), kms, store)
     return Served(kms, store, admin, path)
@@ -250,7 +258,10 @@ def test_label_sets_stay_bounded() -> None:
     """Refusal reasons collapse into kinds; made-up products and applications into one."""
     metrics = Metrics()
     admission: Admission[int] = Admission(
-        max_connections=2, max_per_ip=1, allow=(ipaddress.ip_network("10.0.0.0/8"),)
+        max_connections=2,
+        max_per_ip=1,
+        allow=(ipaddress.ip_network("10.0.0.0/8"),),
+        rate_per_ip=0.0,
     )
     assert admission.admit("10.0.0.1", 1, 0) == (None, None)
     for address in ("192.0.2.1", "10.0.0.1"):
@@ -497,12 +508,10 @@ async def test_status_page_in_a_headless_browser_shows_a_new_client(tmp_path: Pa
 
 
 def test_dns_publication_state_is_exported() -> None:
-    import dns.name
+    from kmsd.dns.publish import Publisher
 
-    from kmsd.dns.publish import Publisher, PublishSettings
-
-    zone = dns.name.from_text("lab.test")
-    settings = PublishSettings(zone=zone, host=dns.name.from_text("kms1.lab.test"))
+    settings = defaults(publish_zone="lab.test", publish_host="kms1.lab.test").dns
+    assert settings is not None
     publisher = Publisher(settings, [("192.0.2.1", 1688)])
     m = Metrics()
     m.dns_state = lambda: publisher_state(publisher)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -10,9 +12,12 @@ import pytest
 
 from kmsd import config
 from kmsd.cli import build_parser
+from kmsd.protocol.products import products
 from tests.conftest import run_kmsd
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "deploy" / "kmsd.toml"
+EPID = "03612-00206-556-123727-03-1033-17763.0000-2972018"
+WIN = products().sku_by_name("Windows 10/11 Enterprise")
 
 
 def resolve(argv: list[str], env: dict[str, str]) -> config.Effective:
@@ -136,3 +141,69 @@ def test_example_file_documents_every_option_with_valid_values() -> None:
             config._from_toml(option, tomllib.loads(f"v = {value}")["v"])
             seen.add(key)
     assert seen == set(config.BY_NAME)
+
+
+def test_settings_are_typed_and_in_seconds(tmp_path: Path) -> None:
+    """Each section goes to its owner's type; days, hours and minutes become seconds once."""
+    given = vars(
+        build_parser().parse_args(
+            [
+                "--record-lifetime",
+                "2",
+                "--history-days",
+                "0",
+                "--max-clock-skew",
+                "4",
+                "--listen",
+                "127.0.0.1:2000",
+                "--epid",
+                f"Windows 10/11 Enterprise={EPID}",
+            ]
+        )
+    )
+    effective, settings = config.load(given, {"KMSD_DB": str(tmp_path / "x.db")})
+    assert effective.values["record_lifetime"] == 2.0  # as written, for check-config
+    assert settings.table.lifetime == 2 * 86400 and settings.table.history is None
+    assert settings.table.path == str(tmp_path / "x.db")
+    assert settings.host.policy.max_clock_skew == 4 * 3600
+    assert settings.host.policy.renewal_interval == 10080  # minutes, as the wire carries it
+    assert settings.network.listen == (("127.0.0.1", 2000),)
+    assert WIN and dict(settings.host.epids) == {WIN.kms.id: EPID}
+    assert settings.dns is None and settings.admin is None
+    assert config.defaults().table.history == 180 * 86400
+
+
+def test_dns_serve_loads_neither_store_nor_host_nor_crypto() -> None:
+    """`kmsd dns-serve` reads its options through kmsd.config without loading the daemon."""
+    code = (
+        "import asyncio, sys\n"
+        "from kmsd import cli\n"
+        "def run(coro):\n"
+        "    coro.close()\n"
+        "    print(' '.join(sorted(sys.modules)))\n"
+        "asyncio.run = run\n"
+        "cli.main(['dns-serve', 'lab.test', '--kms', '127.0.0.1'])\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    loaded = set(result.stdout.split())
+    assert "kmsd.dns.responder" in loaded  # the command did run up to serving
+    heavy = {"sqlite3", "kmsd.store", "kmsd.host", "kmsd.protocol.crypto", "kmsd.server"}
+    assert not heavy & loaded
+
+
+def test_unusable_publish_key_is_a_configuration_error(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.key"
+    for command in (["check-config"], []):
+        result = run_kmsd(
+            *command,
+            "--publish-zone",
+            "lab.test",
+            "--publish-key",
+            str(missing),
+            "--db",
+            ":memory:",
+        )
+        assert result.returncode == 2, result.stderr
+        assert f"dns.publish_key: {missing}: cannot read: No such file" in result.stderr

@@ -20,7 +20,8 @@ from dns.rdtypes.IN.SRV import SRV
 
 from kmsd.dns import gss
 from kmsd.dns.gss import GssCredentials, GssError, GssSigner, reason_of
-from kmsd.dns.publish import Publisher, PublishSettings, UpdateFailed, read_answer
+from kmsd.dns.publish import Publisher, UpdateFailed, read_answer
+from tests.conftest import publish_settings
 
 SERVER = ("127.0.0.1", 53)
 ZONE = dns.name.from_text("lab.test")
@@ -215,11 +216,8 @@ async def test_a_publisher_reports_a_failed_context_and_sends_nothing() -> None:
     async def send(msg: dns.message.Message, server: tuple[str, int]) -> None:
         sent.append(msg)
 
-    settings = PublishSettings(
-        ZONE,
-        dns.name.from_text("kms1.lab.test"),
-        SERVER,
-        None,
+    settings = publish_settings(
+        server=SERVER,
         gss=GssCredentials("KMS1$@LAB.TEST", service="DNS@dc1.lab.test"),
         addresses=("192.0.2.1",),
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import dns.message
 import dns.name
@@ -14,7 +15,8 @@ import pytest
 
 from kmsd.dns import publish
 from kmsd.dns.keyfile import KeyFileError, parse_keys, read_key
-from kmsd.dns.publish import Publisher, PublishSettings, UpdateFailed
+from kmsd.dns.publish import Publisher, UpdateFailed
+from tests.conftest import publish_settings
 
 ZONE = dns.name.from_text("lab.test")
 HOST = dns.name.from_text("kms1.lab.test")
@@ -46,8 +48,8 @@ class FakePrimary:
         return list(rrset)
 
 
-def publisher(primary: FakePrimary, address: list[str], **settings: object) -> Publisher:
-    config = PublishSettings(ZONE, HOST, PRIMARY, None, **settings)  # type: ignore[arg-type]
+def publisher(primary: FakePrimary, address: list[str], **settings: Any) -> Publisher:
+    config = publish_settings(server=PRIMARY, **settings)
     return Publisher(
         config,
         [("0.0.0.0", 1688)],
@@ -83,7 +85,7 @@ async def test_address_and_settings_changes_replace_only_what_changed() -> None:
         "_vlmcs._tcp.lab.test. 600 IN SRV 0 0 1688 kms1.lab.test.",
         "kms1.lab.test. 600 IN A 192.0.2.11",
     ]
-    pub.reconfigure(PublishSettings(ZONE, HOST, PRIMARY, None, priority=3, weight=4))
+    pub.reconfigure(publish_settings(server=PRIMARY, priority=3, weight=4))
     await pub.publish()
     assert primary.updates[2][0] == "_vlmcs._tcp.lab.test. 0 NONE SRV 0 0 1688 kms1.lab.test."
     assert primary.updates[2][2] == "_vlmcs._tcp.lab.test. 600 IN SRV 3 4 1688 kms1.lab.test."
@@ -96,7 +98,7 @@ async def test_address_and_settings_changes_replace_only_what_changed() -> None:
 
 async def test_a_target_outside_the_zone_gets_no_address_records() -> None:
     primary = FakePrimary()
-    config = PublishSettings(ZONE, dns.name.from_text("kms.corp.test"), PRIMARY, None)
+    config = publish_settings(server=PRIMARY, host=dns.name.from_text("kms.corp.test"))
     pub = Publisher(config, [("192.0.2.5", 1700)], send=primary.send, read=primary.read)
     await pub.publish()
     assert primary.updates == [["_vlmcs._tcp.lab.test. 600 IN SRV 0 0 1700 kms.corp.test."]]
@@ -104,13 +106,11 @@ async def test_a_target_outside_the_zone_gets_no_address_records() -> None:
 
 async def test_listening_addresses_are_published_and_wildcards_resolved() -> None:
     primary = FakePrimary()
-    config = PublishSettings(ZONE, HOST, PRIMARY, None)
+    config = publish_settings(server=PRIMARY)
     listening = [("127.0.0.2", 1688), ("0.0.0.0", 1688), ("::", 1688)]
     pub = Publisher(config, listening, send=primary.send, local_address=lambda s: "192.0.2.7")
     assert pub.addresses(PRIMARY) == {"127.0.0.2", "192.0.2.7"}  # :: cannot reach an IPv4 primary
-    pinned = Publisher(
-        PublishSettings(ZONE, HOST, PRIMARY, None, addresses=("2001:db8::1",)), listening
-    )
+    pinned = Publisher(publish_settings(server=PRIMARY, addresses=("2001:db8::1",)), listening)
     assert pinned.addresses(PRIMARY) == {"2001:db8::1"}
     assert pinned.desired(PRIMARY).address_rdatas() == [("AAAA", "2001:db8::1")]
 

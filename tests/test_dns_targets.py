@@ -15,6 +15,7 @@ from dns.rdtypes.IN.SRV import SRV
 from kmsd.dns import publish
 from kmsd.dns.publish import Publisher, PublishSettings
 from kmsd.dns.targets import Publications
+from tests.conftest import publish_settings
 
 LISTENING = [("192.0.2.1", 1688)]
 
@@ -48,11 +49,9 @@ class Primaries:
 
 
 def target(zone: str, server: str, priority: int, weight: int) -> PublishSettings:
-    return PublishSettings(
-        dns.name.from_text(zone),
-        dns.name.from_text(f"kms1.{zone}"),
-        (server, 53),
-        None,
+    return publish_settings(
+        zone,
+        server=(server, 53),
         addresses=("192.0.2.1",),
         priority=priority,
         weight=weight,

@@ -22,9 +22,9 @@ import pytest
 from kmsclient.session import KmsConnection, base_request
 from kmsd.host import HostIdentity, KmsHost
 from kmsd.protocol.products import products
-from kmsd.server import KmsServer, ServerSettings
+from kmsd.server import KmsServer
 from kmsd.store import SqliteStore
-from tests.conftest import LOOPBACK
+from tests.conftest import LOOPBACK, server_settings, table_settings
 
 DB = products()
 SKU = DB.sku_by_name("Windows Server 2022 Standard")
@@ -51,13 +51,11 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 
 
 async def serve(path: Path) -> tuple[KmsServer, SqliteStore]:
-    store = SqliteStore(str(path), known=frozenset(DB.applications))
+    store = SqliteStore(table_settings(path), known=frozenset(DB.applications))
     identity = HostIdentity(hwid=bytes(8))
     identity.complete(DB, lambda n: bytes(n), 1_795_000_000.0)
     store.start(asyncio.get_running_loop())
-    server = KmsServer(
-        KmsHost(store, identity), ServerSettings(listen=((LOOPBACK, 0),)), store=store
-    )
+    server = KmsServer(KmsHost(store, identity), server_settings(), store=store)
     await server.start()
     return server, store
 

@@ -22,9 +22,9 @@ from kmsclient.report import to_text
 from kmsclient.session import KmsConnection, base_request, prepare
 from kmsclient.target import Target
 from kmsd.protocol.products import products
-from kmsd.server import KmsServer, ServerSettings
+from kmsd.server import KmsServer
 from kmsd.text import UNSAFE, inert
-from tests.conftest import LOOPBACK, make_host, run_kmsd, start_kmsd, stop_kmsd
+from tests.conftest import LOOPBACK, make_host, run_kmsd, server_settings, start_kmsd, stop_kmsd
 
 WIN = products().sku_by_name("Windows 10/11 Enterprise")
 # Moves the cursor up, erases the line, starts a CSI (C1), reverses the rest, isolates, ends
@@ -141,7 +141,7 @@ async def test_kmsclient_report_shows_what_a_hostile_host_sent_inert() -> None:
     for epid, status in ((genuine + "\n", Status.ACTIVATED), (HOSTILE, Status.NOT_GENUINE)):
         host = make_host()
         host.identity.epids = dict.fromkeys(host.identity.epids, epid)
-        srv = KmsServer(host, ServerSettings(listen=((LOOPBACK, 0),)))
+        srv = KmsServer(host, server_settings())
         await srv.start()
         try:
             base = base_request(WIN, required_count=1)

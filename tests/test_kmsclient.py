@@ -30,8 +30,8 @@ from kmsd.protocol.errors import NotGenuine
 from kmsd.protocol.kms import decode_request
 from kmsd.protocol.products import Sku, products
 from kmsd.protocol.rpc import NDR64, Bind, Flags, btfn_features, parse_pdu
-from kmsd.server import KmsServer, ServerSettings
-from tests.conftest import LOOPBACK, make_host
+from kmsd.server import KmsServer
+from tests.conftest import LOOPBACK, make_host, server_settings
 
 DB = products()
 VECTORS = Path(__file__).parent / "fixtures" / "vectors"
@@ -96,7 +96,7 @@ async def test_activate_every_family_and_version(
     [BindOptions(ndr64=False), BindOptions(btfn=False, multiplex=False), BindOptions()],
 )
 async def test_bind_variants_against_an_ndr32_only_host(options: BindOptions) -> None:
-    srv = KmsServer(make_host(), ServerSettings(listen=((LOOPBACK, 0),), ndr64=False))
+    srv = KmsServer(make_host(), server_settings(ndr64=False))
     await srv.start()
     try:
         for call_ndr64 in (False, True):
@@ -147,7 +147,7 @@ async def test_cli_activate_json_schema_and_exit_statuses(server: KmsServer) -> 
 
 
 async def test_refused_by_hresult() -> None:
-    srv = KmsServer(make_host(HostPolicy(strict=True)), ServerSettings(listen=((LOOPBACK, 0),)))
+    srv = KmsServer(make_host(HostPolicy(strict=True)), server_settings())
     await srv.start()
     try:
         status, out = await run_cli(
@@ -181,7 +181,7 @@ async def test_charge_reaches_the_threshold(
 
 
 async def test_charge_stops_when_the_count_does_not_grow() -> None:
-    srv = KmsServer(make_host(HostPolicy(fixed_count=3)), ServerSettings(listen=((LOOPBACK, 0),)))
+    srv = KmsServer(make_host(HostPolicy(fixed_count=3)), server_settings())
     await srv.start()
     try:
         status, out = await run_cli("charge", str(target_of(srv)), "--json", "--stall", "2")

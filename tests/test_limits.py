@@ -16,8 +16,8 @@ from kmsd.protocol.errors import FaultStatus
 from kmsd.protocol.kms import encode_request
 from kmsd.protocol.products import products
 from kmsd.protocol.rpc import Fault, Request, parse_pdu
-from kmsd.server import KmsServer, ServerSettings
-from tests.conftest import LOOPBACK, make_host
+from kmsd.server import KmsServer
+from tests.conftest import make_host, server_settings
 
 SKU = products().sku_by_name("Windows Server 2022 Standard")
 OTHER = "127.0.0.2"  # a second loopback address plays the other machine
@@ -47,7 +47,7 @@ def test_admission_caps_allow_list_and_rate() -> None:
 
 
 def test_a_full_table_makes_room_from_the_address_with_most() -> None:
-    adm: Admission[str] = Admission(max_connections=5, max_per_ip=4)
+    adm: Admission[str] = Admission(max_connections=5, max_per_ip=4, allow=(), rate_per_ip=0.0)
     for conn in ("a1", "a2", "a3"):
         assert adm.admit("A", conn, 0.0) == (None, None)
     for conn in ("b1", "b2"):
@@ -87,7 +87,7 @@ def test_an_ipv6_64_counts_as_one_address() -> None:
 
 
 async def start(**settings: object) -> KmsServer:
-    srv = KmsServer(make_host(), ServerSettings(listen=((LOOPBACK, 0),), **settings))  # type: ignore[arg-type]
+    srv = KmsServer(make_host(), server_settings(**settings))  # type: ignore[arg-type]
     await srv.start()
     return srv
 

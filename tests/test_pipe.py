@@ -12,6 +12,7 @@ import pytest
 
 from kmsd.pipe import SIGPIPE_EXIT
 from kmsd.store import SqliteStore
+from tests.conftest import table_settings
 
 
 def run_into_closed_pipe(argv: list[str]) -> subprocess.CompletedProcess[str]:
@@ -39,6 +40,6 @@ def test_a_closed_pipe_ends_the_command_quietly(argv: list[str]) -> None:
 
 def test_an_admin_listing_into_a_closed_pipe(tmp_path: Path) -> None:
     db = str(tmp_path / "kmsd.db")
-    asyncio.run(SqliteStore(db).close())  # an empty database
+    asyncio.run(SqliteStore(table_settings(db)).close())  # an empty database
     done = run_into_closed_pipe([sys.executable, "-m", "kmsd", "stats", "--db", db])
     assert (done.returncode, done.stderr) == (SIGPIPE_EXIT, "")

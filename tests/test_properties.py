@@ -61,8 +61,8 @@ from kmsd.protocol.rpc import (
     frag_length_of,
     parse_pdu,
 )
-from kmsd.server import KmsServer, ServerSettings
-from tests.conftest import LOOPBACK, make_host
+from kmsd.server import KmsServer
+from tests.conftest import make_host, server_settings
 
 PORT = 1688
 SEED = 0x1234_5678
@@ -687,7 +687,7 @@ async def _garbage_then_good_client(garbage: list[bytes], major: int) -> list[di
     loop = asyncio.get_running_loop()
     caught: list[dict[str, Any]] = []
     loop.set_exception_handler(lambda _loop, context: caught.append(context))
-    srv = KmsServer(make_host(), ServerSettings(listen=((LOOPBACK, 0),)))
+    srv = KmsServer(make_host(), server_settings())
     await srv.start()
     try:
         host, port = srv.addresses[0]

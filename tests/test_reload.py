@@ -94,10 +94,10 @@ def test_reloader_applies_epids_strict_and_skew_in_process(tmp_path: Path) -> No
     file = tmp_path / "kmsd.toml"
     file.write_text("")
     given = vars(build_parser().parse_args(["--config", str(file)]))
-    effective = config.resolve(given, {})
+    effective, settings = config.load(given, {})
     host = make_host()
     notes: list[str] = []
-    reloader = Reloader(given, effective, host, environ={}, notify=notes.append)
+    reloader = Reloader(given, effective, settings, host, environ={}, notify=notes.append)
     epid = "03612-00206-556-123727-03-1033-17763.0000-2972018"
     file.write_text(
         f'[host]\nstrict = true\nmax_clock_skew = 4\nepid = ["Windows 10/11 Enterprise={epid}"]\n'
@@ -201,7 +201,7 @@ def test_reload_reconfigures_dns_publication(tmp_path: Path) -> None:
     publisher = FakePublisher()
     reloader = Reloader(
         given,
-        config.resolve(given, {}),
+        *config.load(given, {}),
         make_host(),
         publisher,
         environ={},

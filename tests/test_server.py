@@ -9,8 +9,16 @@ import pytest
 
 from kmsclient.session import BindOptions, KmsConnection, base_request
 from kmsd.protocol.products import products
-from kmsd.server import KmsServer, ServerSettings
-from tests.conftest import LOOPBACK, KmsdProcess, make_host, run_kmsd, start_kmsd, stop_kmsd
+from kmsd.server import KmsServer
+from tests.conftest import (
+    LOOPBACK,
+    KmsdProcess,
+    make_host,
+    run_kmsd,
+    server_settings,
+    start_kmsd,
+    stop_kmsd,
+)
 
 DB = products()
 WIN = DB.sku_by_name("Windows 10/11 Enterprise")
@@ -68,7 +76,7 @@ async def read_until_eof(reader: asyncio.StreamReader) -> bytes:
 
 
 async def test_idle_connection_is_closed() -> None:
-    srv = KmsServer(make_host(), ServerSettings(listen=((LOOPBACK, 0),), idle_timeout=0.2))
+    srv = KmsServer(make_host(), server_settings(idle_timeout=0.2))
     await srv.start()
     try:
         reader, writer = await asyncio.open_connection(*addr(srv))
@@ -80,7 +88,7 @@ async def test_idle_connection_is_closed() -> None:
 
 async def test_a_connection_beyond_the_limit_takes_the_place_of_the_oldest_idle() -> None:
     assert WIN
-    srv = KmsServer(make_host(), ServerSettings(listen=((LOOPBACK, 0),), max_connections=2))
+    srv = KmsServer(make_host(), server_settings(max_connections=2))
     await srv.start()
     try:
         a = await KmsConnection.open(*addr(srv))
@@ -111,7 +119,7 @@ async def test_ipv6_loopback() -> None:
     assert WIN
     if not socket.has_ipv6:
         pytest.skip("no IPv6 in this kernel")
-    srv = KmsServer(make_host(), ServerSettings(listen=(("::1", 0),)))
+    srv = KmsServer(make_host(), server_settings(listen=(("::1", 0),)))
     try:
         await srv.start()
     except OSError as exc:

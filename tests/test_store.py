@@ -25,7 +25,7 @@ from kmsd.host import HostPolicy
 from kmsd.protocol.kms import BaseRequest, encode_request
 from kmsd.protocol.products import products
 from kmsd.store import MIGRATIONS, SCHEMA_VERSION, SqliteStore, StoreError
-from tests.conftest import make_host, run_kmsd, start_kmsd, stop_kmsd
+from tests.conftest import make_host, run_kmsd, start_kmsd, stop_kmsd, table_settings
 
 DB = products()
 WIN = DB.sku_by_name("Windows 10/11 Enterprise")
@@ -57,7 +57,7 @@ def rows(path: Path, sql: str) -> list[tuple[object, ...]]:
 
 async def test_reply_waits_for_commit_and_commits_come_in_groups(tmp_path: Path) -> None:
     path = tmp_path / "kmsd.db"
-    store = SqliteStore(str(path), known=KNOWN)
+    store = SqliteStore(table_settings(path), known=KNOWN)
     store.start(asyncio.get_running_loop())
     clients = [request() for _ in range(20)]
     counts = [store.count(r, NOW + i, "127.0.0.1:1") for i, r in enumerate(clients)]
@@ -75,7 +75,7 @@ async def test_reply_waits_for_commit_and_commits_come_in_groups(tmp_path: Path)
 
 async def test_restart_keeps_counts_capacity_order_and_identity(tmp_path: Path) -> None:
     path = str(tmp_path / "kmsd.db")
-    store = SqliteStore(path, known=KNOWN)
+    store = SqliteStore(table_settings(path), known=KNOWN)
     store.start(asyncio.get_running_loop())
     first = request()
     for i, r in enumerate([first, *(request("Windows Server 2022 Standard") for _ in range(3))]):
@@ -86,7 +86,7 @@ async def test_restart_keeps_counts_capacity_order_and_identity(tmp_path: Path) 
     await store.barrier()
     await store.close()
 
-    again = SqliteStore(path, known=KNOWN)
+    again = SqliteStore(table_settings(path), known=KNOWN)
     assert again.load_identity() == (
         b"\x01" * 8,
         {"windows": "03612-00206-556-123727-03-1033-17763.0000-2972018"},
@@ -118,7 +118,7 @@ async def test_an_older_database_is_migrated_with_its_records(tmp_path: Path, ol
             (app, client, NOW, NOW, NOW, 7),
         )
         db.execute("INSERT INTO apps VALUES (?, 50)", (app,))
-    store = SqliteStore(str(path), known=KNOWN)
+    store = SqliteStore(table_settings(path), known=KNOWN)
     assert store.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
     assert rows(path, "SELECT capacity, low_seq FROM apps") == [(50, 0)]
     assert rows(path, "SELECT name FROM sqlite_master WHERE type = 'index' AND sql NOT NULL") == []
@@ -133,12 +133,12 @@ async def test_an_older_database_is_migrated_with_its_records(tmp_path: Path, ol
 
 def test_second_daemon_on_the_same_file_is_refused(tmp_path: Path) -> None:
     path = str(tmp_path / "kmsd.db")
-    first = SqliteStore(path)
+    first = SqliteStore(table_settings(path))
     with pytest.raises(StoreError, match="another kmsd is serving from this database"):
-        SqliteStore(path)
+        SqliteStore(table_settings(path))
     first.db.close()
     first._release_lock()
-    SqliteStore(path)  # free again once the first one let go
+    SqliteStore(table_settings(path))  # free again once the first one let go
 
 
 def test_newer_schema_corrupt_file_and_foreign_database_are_refused(tmp_path: Path) -> None:
@@ -146,21 +146,21 @@ def test_newer_schema_corrupt_file_and_foreign_database_are_refused(tmp_path: Pa
     with sqlite3.connect(newer) as db:
         db.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
     with pytest.raises(StoreError, match="written by a newer kmsd"):
-        SqliteStore(str(newer))
+        SqliteStore(table_settings(newer))
     corrupt = tmp_path / "corrupt.db"
     corrupt.write_bytes(b"this is not SQLite at all" * 100)
     with pytest.raises(StoreError, match="not a kmsd database, or corrupt"):
-        SqliteStore(str(corrupt))
+        SqliteStore(table_settings(corrupt))
     foreign = tmp_path / "foreign.db"
     with sqlite3.connect(foreign) as db:
         db.execute("CREATE TABLE invoices (id INTEGER)")
     with pytest.raises(StoreError, match="not a kmsd database"):
-        SqliteStore(str(foreign))
+        SqliteStore(table_settings(foreign))
 
 
 async def test_commit_failure_holds_replies_back_and_recovers(tmp_path: Path) -> None:
     path = tmp_path / "kmsd.db"
-    store = SqliteStore(str(path), known=KNOWN)
+    store = SqliteStore(table_settings(path), known=KNOWN)
     store.start(asyncio.get_running_loop())
     blocker = sqlite3.connect(path, timeout=0)
     blocker.execute("BEGIN EXCLUSIVE")  # nobody else can write now
@@ -295,7 +295,7 @@ def test_admin_commands_without_a_daemon(tmp_path: Path) -> None:
     path = tmp_path / "kmsd.db"
     missing = run_kmsd("stats", "--db", str(path))
     assert missing.returncode == 1 and "no such database" in missing.stderr
-    store = SqliteStore(str(path), known=KNOWN)
+    store = SqliteStore(table_settings(path), known=KNOWN)
     client = request()
     with store.db:
         store.db.execute(
@@ -351,7 +351,7 @@ async def test_lab_overrides_are_logged_at_start_and_work(tmp_path: Path) -> Non
 
 async def test_one_batch_keeps_the_order_of_evictions_and_admin_commands(tmp_path: Path) -> None:
     path = tmp_path / "kmsd.db"
-    store = SqliteStore(str(path), known=KNOWN, fixed_capacity=2)
+    store = SqliteStore(table_settings(path, capacity=2), known=KNOWN)
     a, b, c, d = (request() for _ in range(4))
     for i, r in enumerate((a, b, c)):  # c evicts a within the same batch
         store.count(r, NOW + i, "x")
@@ -364,12 +364,12 @@ async def test_one_batch_keeps_the_order_of_evictions_and_admin_commands(tmp_pat
     assert in_table == {str(d.client_machine_id)}
     history = {r[0] for r in rows(path, "SELECT client FROM clients")}
     assert history == {str(r.client_machine_id) for r in (a, b, c, d)}
-    again = SqliteStore(str(path), known=KNOWN, fixed_capacity=2)
+    again = SqliteStore(table_settings(path, capacity=2), known=KNOWN)
     assert ids(table_of(again, d.application_id)) == [d.client_machine_id]
 
 
 def test_the_log_is_the_journal_and_checkpoints_leave_the_loop(tmp_path: Path) -> None:
-    store = SqliteStore(str(tmp_path / "kmsd.db"), synchronous="full")
+    store = SqliteStore(table_settings(tmp_path / "kmsd.db", synchronous="full"))
     assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     # Commits on the loop only write the log; "full" flushes it with its own fdatasync.
     assert store.db.execute("PRAGMA synchronous").fetchone()[0] == 1
@@ -393,7 +393,7 @@ async def test_replies_wait_for_the_log_flush_only_in_full_mode(
 
     monkeypatch.setattr(os, "fdatasync", fdatasync)
     path = tmp_path / "kmsd.db"
-    store = SqliteStore(str(path), known=KNOWN, synchronous=mode)
+    store = SqliteStore(table_settings(path, synchronous=mode), known=KNOWN)
     store.start(asyncio.get_running_loop())
     first = request()
     store.count(first, NOW, "a")
@@ -426,7 +426,7 @@ async def test_an_eviction_at_the_oldest_end_writes_no_row_of_the_evicted(
     low_seq, so a commit writes the new client's row and the application's, not the
     evicted client's. A record leaving elsewhere (the clock went back) is written."""
     path = tmp_path / "kmsd.db"
-    store = SqliteStore(str(path), known=KNOWN, fixed_capacity=2)
+    store = SqliteStore(table_settings(path, capacity=2), known=KNOWN)
     store.start(asyncio.get_running_loop())
     a, b, c, d = (request() for _ in range(4))
     for i, r in enumerate((a, b)):
@@ -461,7 +461,7 @@ async def test_an_eviction_at_the_oldest_end_writes_no_row_of_the_evicted(
 
 async def test_history_of_clients_gone_for_long_is_pruned(tmp_path: Path) -> None:
     path = tmp_path / "kmsd.db"
-    store = SqliteStore(str(path), known=KNOWN, fixed_capacity=1, history=10 * DAY)
+    store = SqliteStore(table_settings(path, capacity=1, history=10 * DAY), known=KNOWN)
     old, evicted, current = request(), request(), request()
     store.count(old, NOW, "a")  # in the table, then evicted by the next one
     store.count(evicted, NOW + 1, "a")  # evicted in turn by current, but seen recently
@@ -472,7 +472,7 @@ async def test_history_of_clients_gone_for_long_is_pruned(tmp_path: Path) -> Non
     history = {r[0] for r in rows(path, "SELECT client FROM clients")}
     assert history == {str(current.client_machine_id)}
     # Without a retention, nothing is pruned.
-    keep = SqliteStore(str(tmp_path / "keep.db"), known=KNOWN, fixed_capacity=1, history=None)
+    keep = SqliteStore(table_settings(tmp_path / "keep.db", capacity=1, history=None), known=KNOWN)
     for i, r in enumerate((old, evicted, current)):
         keep.count(r, NOW + i * 20 * DAY, "a")
     keep.start(asyncio.get_running_loop())
@@ -511,7 +511,7 @@ async def test_a_failed_log_flush_drops_its_replies_and_says_so(
         raise OSError(5, "Input/output error")
 
     monkeypatch.setattr(os, "fdatasync", fdatasync)
-    store = SqliteStore(str(tmp_path / "kmsd.db"), known=KNOWN, synchronous="full")
+    store = SqliteStore(table_settings(tmp_path / "kmsd.db", synchronous="full"), known=KNOWN)
     store.start(asyncio.get_running_loop())
     store.count(request(), NOW, "a")
     with pytest.raises(StoreError, match=r"flush failed: .*Input/output error"):
@@ -552,7 +552,7 @@ def tables(store: SqliteStore) -> dict[UUID, TableView]:
 
 
 async def replay(path: str, ops: list[tuple[Any, ...]]) -> None:
-    store = SqliteStore(path, known=KNOWN)
+    store = SqliteStore(table_settings(path), known=KNOWN)
     store.start(asyncio.get_running_loop())
     now, command = NOW, 0
     for op in ops:
@@ -574,12 +574,12 @@ async def replay(path: str, ops: list[tuple[Any, ...]]) -> None:
         else:
             before = tables(store)
             await store.close()
-            store = SqliteStore(path, known=KNOWN)
+            store = SqliteStore(table_settings(path), known=KNOWN)
             assert tables(store) == before
             store.start(asyncio.get_running_loop())
     before = tables(store)
     await store.close()
-    assert tables(SqliteStore(path, known=KNOWN)) == before
+    assert tables(SqliteStore(table_settings(path), known=KNOWN)) == before
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -16,6 +16,8 @@ from pathlib import Path
 import dns.name
 import dns.tsig
 
+from ..files import read_text
+
 # HMAC algorithms BIND offers; GSS-TSIG needs a Kerberos exchange and is not a file key.
 ALGORITHMS = {
     "hmac-md5": dns.tsig.HMAC_MD5,
@@ -63,7 +65,9 @@ def parse_keys(text: str, origin: str = "key file") -> list[dns.tsig.Key]:
 def read_key(path: Path) -> dns.tsig.Key:
     """The first key of a BIND key file."""
     try:
-        text = path.read_text("utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
+        text = read_text(path)
+    except OSError as exc:
+        raise KeyFileError(f"{path}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
         raise KeyFileError(f"{path}: cannot read: {exc}") from None
     return parse_keys(text, str(path))[0]

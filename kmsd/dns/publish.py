@@ -8,7 +8,6 @@ the server's RCODE and retried with backoff; publication never stops kmsd from s
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import ipaddress
@@ -63,14 +62,14 @@ _TSIG_ERRORS: dict[type[Exception], str] = {
 class PublishSettings:
     zone: dns.name.Name
     host: dns.name.Name  # the SRV target
-    server: tuple[str, int] | None = None  # the zone's primary; None: its SOA MNAME
-    key: dns.tsig.Key | None = None  # TSIG with a shared key
-    gss: GssCredentials | None = None  # GSS-TSIG (exclusive with key)
-    addresses: tuple[str, ...] = ()  # A/AAAA to publish; empty: those kmsd listens on
-    priority: int = 0
-    weight: int = 0
-    ttl: int = 600
-    interval: float = 3600.0  # seconds between re-publications
+    server: tuple[str, int] | None  # the zone's primary; None: its SOA MNAME
+    key: dns.tsig.Key | None  # TSIG with a shared key
+    gss: GssCredentials | None  # GSS-TSIG (exclusive with key)
+    addresses: tuple[str, ...]  # A/AAAA to publish; empty: those kmsd listens on
+    priority: int
+    weight: int
+    ttl: int
+    interval: float  # seconds between re-publications
 
     @property
     def srv_name(self) -> dns.name.Name:
@@ -484,20 +483,29 @@ def _fmt(server: tuple[str, int] | None) -> str | None:
     return None if server is None else join_host_port(*server)
 
 
-def settings_from(args: argparse.Namespace) -> PublishSettings | None:
-    """The publication settings of kmsd's [dns] options; None when nothing is published."""
-    if args.publish_zone is None:
-        return None
-    zone = dns.name.from_text(args.publish_zone)
-    host = args.publish_host or f"{socket.gethostname().split('.')[0]}.{args.publish_zone}"
+def make_settings(
+    *,
+    zone: str,
+    host: str,
+    server: tuple[str, int] | None,
+    key: Path | None,
+    addresses: tuple[str, ...],
+    priority: int,
+    weight: int,
+    ttl: int,
+    interval: float,
+) -> PublishSettings:
+    """The publication settings of kmsd's [dns] options; KeyFileError (a ValueError) when
+    the key file cannot be used."""
     return PublishSettings(
-        zone=zone,
+        zone=dns.name.from_text(zone),
         host=dns.name.from_text(host),
-        server=args.publish_server,
-        key=read_key(Path(args.publish_key)) if args.publish_key else None,
-        addresses=tuple(args.publish_address),
-        priority=args.publish_priority,
-        weight=args.publish_weight,
-        ttl=args.publish_ttl,
-        interval=args.publish_interval,
+        server=server,
+        key=read_key(key) if key is not None else None,
+        gss=None,
+        addresses=addresses,
+        priority=priority,
+        weight=weight,
+        ttl=ttl,
+        interval=interval,
     )

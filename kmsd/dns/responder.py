@@ -24,7 +24,7 @@ import structlog
 from dnslib.label import DNSLabelError
 
 from .. import logs
-from ..config import parse_listen, show_listen
+from ..addresses import join_host_port, parse_bind_address, split_host_port
 from ..protocol.constants import DNS_PORT, KMS_PORT, SRV_SERVICE
 
 log = structlog.get_logger("kmsd")
@@ -50,10 +50,7 @@ class KmsEntry:
 def parse_kms(text: str, index: int = 1) -> KmsEntry:
     """IP[:PORT] or [IPv6]:PORT, then optional ,priority=N ,weight=N ,name=LABEL."""
     where, *extras = text.split(",")
-    if where.startswith("[") or where.count(":") <= 1:
-        host, port = parse_listen(where if ":" in where else f"{where}:{KMS_PORT}")
-    else:
-        host, port = where, KMS_PORT
+    host, port = split_host_port(where, KMS_PORT)
     try:
         address = str(ipaddress.ip_address(host))
     except ValueError:
@@ -68,8 +65,6 @@ def parse_kms(text: str, index: int = 1) -> KmsEntry:
             fields[key] = int(value)
         else:
             raise ValueError(f"{text!r}: {extra!r}: expected priority=N, weight=N or name=LABEL")
-    if not 1 <= port <= 65535:
-        raise ValueError(f"{text!r}: port must be 1-65535")
     return KmsEntry(name, (address,), port, fields["priority"], fields["weight"])
 
 
@@ -275,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def listen(text: str) -> tuple[str, int]:
         try:
-            host, port = parse_listen(text if ":" in text else f"{text}:{DNS_PORT}")
+            host, port = parse_bind_address(text, DNS_PORT)
         except ValueError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
         return host, port
@@ -310,7 +305,7 @@ async def _serve(zone: Zone, listen: Sequence[tuple[str, int]]) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     for address in responder.addresses:
-        log.info("dns listening", address=show_listen(address))
+        log.info("dns listening", address=join_host_port(*address))
     srv = [str(rr.rdata) for rr in zone.records if rr.rtype == dnslib.QTYPE.SRV]
     log.info("dns-serve ready", zone=str(zone.origin), srv=srv)
     await stop.wait()
