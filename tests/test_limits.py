@@ -76,7 +76,7 @@ def test_an_ipv6_64_counts_as_one_address() -> None:
         == ("2001:db8:1:2::/64")
     )
     assert source_of("fe80::1%eth0") == "fe80::/64" and source_of("?") == "?"
-    adm: Admission[str] = Admission(max_connections=10, max_per_ip=2, rate_per_ip=1.0)
+    adm: Admission[str] = Admission(max_connections=10, max_per_ip=2, allow=(), rate_per_ip=1.0)
     assert adm.admit("2001:db8::1", "a", 0.0) == (None, None)
     assert adm.admit("2001:db8::2", "b", 0.0) == (None, None)
     assert "from this address" in str(adm.admit("2001:db8::3", "c", 0.0)[0])
@@ -276,7 +276,7 @@ def test_admission_bookkeeping_holds_under_any_sequence(
     """Whatever opens, sends and closes: the counts agree with the connections, the table
     never overflows, and a victim always comes from an address that had the most (or from
     the newcomer's own)."""
-    adm: Admission[int] = Admission(max_connections=6, max_per_ip=4)
+    adm: Admission[int] = Admission(max_connections=6, max_per_ip=4, allow=(), rate_per_ip=0.0)
     open_: dict[int, str] = {}
     for n, (action, who, pick) in enumerate(steps):
         address = f"10.0.0.{who}"
