@@ -1,6 +1,6 @@
 """What a legitimate client sees while hostile connections hold kmsd, and what kmsd logs
 meanwhile (a benchmark, not a test: it prints figures). Loopback only; every loop is bounded
-in count and time. Cases (--case, default: all three):
+in count and time. Cases (--case, default: all four):
 
 misbehave  kmsd with room for everyone (--max-connections hostile + 500): a bounded legitimate
            load (activations/s, p50/p99) alone, then while --hostile connections from other
@@ -10,6 +10,8 @@ lockout    kmsd with its default connection limits: --idle connections from --ad
            loopback addresses connect and say nothing (with --reconnect, each connects again
            as soon as kmsd closes it); meanwhile a legitimate client activates --legit
            times, each on a new connection as Windows does. Prints its success rate.
+probes     the same idle connections, on the admin endpoint's port; meanwhile an orchestrator
+           asks /healthz --legit times. Prints its success rate.
 logflood   kmsd serving 127.0.0.1 only, with its default log level: --flooders connections
            at a time from 127.0.0.2 for --duration seconds, each refused. Prints kmsd's log
            lines per second and the connections refused per second.
@@ -25,10 +27,12 @@ import contextlib
 import multiprocessing
 import os
 import resource
+import socket
 import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +53,7 @@ BIND = bytes.fromhex(
     "b0d8ec255555bc0601000000045d888aeb1cc9119fe808002b10486002000000"
 )
 MAX_RECONNECTS = 10_000  # per hostile connection (--reconnect), besides the time bound
+CASES = ("misbehave", "lockout", "probes", "logflood")
 SETTLE = 30.0  # seconds the idle connections get to open, at most, before the measurement
 
 
@@ -170,29 +175,58 @@ async def legitimate(port: int, args: argparse.Namespace) -> tuple[int, list[flo
     return len(times), times
 
 
-def lockout(port: int, args: argparse.Namespace) -> None:
+async def probes(port: int, args: argparse.Namespace) -> tuple[int, list[float]]:
+    """--legit health probes; how many got 200, and how fast."""
+    times = []
+    for _ in range(args.legit):
+        start = time.perf_counter()
+        with contextlib.suppress(OSError, TimeoutError):
+            async with asyncio.timeout(args.timeout):
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                answer = await reader.read()
+                writer.close()
+            if answer.startswith(b"HTTP/1.1 200 "):
+                times.append(time.perf_counter() - start)
+    return len(times), times
+
+
+def under_attack(
+    name: str,
+    attacked: int,
+    measure: Callable[[], Coroutine[Any, Any, tuple[int, list[float]]]],
+    args: argparse.Namespace,
+) -> None:
+    """--idle connections to port `attacked` (in another process) while `measure` runs."""
     opened = multiprocessing.Value("l", 0)
     seconds = SETTLE + args.legit * (args.timeout + 1)  # the attack outlasts the measurement
-    attacker = multiprocessing.Process(target=attack, args=(port, args, seconds, opened))
+    attacker = multiprocessing.Process(target=attack, args=(attacked, args, seconds, opened))
     attacker.start()
     try:
         deadline = time.monotonic() + SETTLE
         while opened.value < args.idle and time.monotonic() < deadline:
             time.sleep(0.1)  # a benchmark, not a test: wait (bounded) for the attack to open
         time.sleep(0.5)  # and for kmsd to take the last of them
-        answered, times = asyncio.run(legitimate(port, args))
+        answered, times = asyncio.run(measure())
     finally:
         attacker.terminate()
         attacker.join(timeout=30)
     mode = "reconnecting when closed" if args.reconnect else "each connecting once"
     median = f"; median response {1000 * sorted(times)[len(times) // 2]:.1f} ms" if times else ""
     print(
-        f"lockout: {args.idle} idle connections from {args.addresses} addresses ({mode}, "
+        f"{name}: {args.idle} idle connections from {args.addresses} addresses ({mode}, "
         f"in a process of their own; {opened.value} opened in all)\n"
         f"legitimate success: {answered} of {args.legit} = {100 * answered / args.legit:.1f} % "
         f"(goal >= 95 %){median}",
         flush=True,
     )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
 
 
 async def flood(port: int, args: argparse.Namespace) -> int:
@@ -248,17 +282,17 @@ def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--case", choices=("misbehave", "lockout", "logflood"), action="append")
+    p.add_argument("--case", choices=CASES, action="append", help="default: all")
     p.add_argument("--hostile", type=int, default=1000, help="misbehave: connections (<= 5000)")
     p.add_argument("--concurrency", type=int, default=8, help="misbehave: legitimate clients")
     p.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
     p.add_argument("--count", type=int, default=20000, help="activations/connections at most")
     p.add_argument("--read-timeout", type=float, default=10.0, help="misbehave: kmsd's")
-    p.add_argument("--idle", type=int, default=3000, help="lockout: connections (<= 5000)")
-    p.add_argument("--addresses", type=int, default=40, help="lockout: source addresses")
-    p.add_argument("--reconnect", action="store_true", help="lockout: reconnect when closed")
-    p.add_argument("--legit", type=int, default=35, help="lockout: legitimate activations")
-    p.add_argument("--timeout", type=float, default=5.0, help="lockout: per activation, s")
+    p.add_argument("--idle", type=int, default=3000, help="lockout, probes: connections (<= 5000)")
+    p.add_argument("--addresses", type=int, default=40, help="lockout, probes: source addresses")
+    p.add_argument("--reconnect", action="store_true", help="lockout, probes: reconnect")
+    p.add_argument("--legit", type=int, default=35, help="lockout, probes: legitimate requests")
+    p.add_argument("--timeout", type=float, default=5.0, help="lockout, probes: per request, s")
     p.add_argument("--flooders", type=int, default=8, help="logflood: connections at a time")
     args = p.parse_args()
     args.hostile, args.idle = min(args.hostile, 5000), min(args.idle, 5000)
@@ -266,7 +300,7 @@ def main() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     need = max(args.hostile, args.idle) + 1024
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, need)), hard))
-    cases = args.case or ["misbehave", "lockout", "logflood"]
+    cases = args.case or CASES
     if "misbehave" in cases:
         with running_kmsd(
             *("--log-level", "error", "--max-connections", str(args.hostile + 500)),
@@ -275,7 +309,11 @@ def main() -> None:
             asyncio.run(misbehave(kmsd.port, args))
     if "lockout" in cases:
         with running_kmsd("--log-level", "error") as kmsd:
-            lockout(kmsd.port, args)
+            under_attack("lockout", kmsd.port, lambda: legitimate(kmsd.port, args), args)
+    if "probes" in cases:
+        admin = free_port()
+        with running_kmsd("--log-level", "error", "--admin", f"127.0.0.1:{admin}"):
+            under_attack("probes (admin port)", admin, lambda: probes(admin, args), args)
     if "logflood" in cases:
         logflood(args)
     print(f"(loopback only; {os.cpu_count()} CPUs)")

@@ -133,8 +133,10 @@ class AdminServer:
         self.loop_lag = 0.0
         self._server: asyncio.Server | None = None
         self._beat: asyncio.TimerHandle | None = None
-        # Connections being served, oldest first; True while waiting for the request head.
-        self._clients: dict[asyncio.Task[None], bool] = {}
+        # Connections being served, oldest first, and those of them being answered (the
+        # others wait for their request head, and may give way to a newcomer).
+        self._clients: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
+        self._answering: set[asyncio.Task[None]] = set()
         self.routes: dict[str, Callable[[dict[str, list[str]]], Any]] = {
             "/": self.status_page,
             "/metrics": self.metrics_text,
@@ -171,8 +173,8 @@ class AdminServer:
             self._beat.cancel()
         if self._server is not None:
             self._server.close()
-            for task in list(self._clients):
-                task.cancel()
+            for writer in self._clients.values():
+                writer.transport.abort()  # their tasks end as on any lost connection
             await self._server.wait_closed()
             self._server = None
 
@@ -191,24 +193,28 @@ class AdminServer:
             if len(self._clients) >= MAX_CLIENTS and not self._make_room():
                 response, head_only = error(503, "too many admin requests at once"), False
             else:
-                self._clients[task] = True
+                self._clients[task] = writer
                 response, head_only = await self._respond(reader, task)
+            if writer.transport.is_closing():
+                return  # it gave way to a newcomer, or kmsd stops (uvloop raises on a write)
             writer.write(response.encode(head_only))
             await asyncio.wait_for(writer.drain(), REQUEST_TIMEOUT)
         except (ConnectionError, TimeoutError):
             pass
         finally:
             self._clients.pop(task, None)
+            self._answering.discard(task)
             writer.close()
             with contextlib.suppress(ConnectionError, TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(writer.wait_closed(), REQUEST_TIMEOUT)
 
     def _make_room(self) -> bool:
-        """Close the connection that has waited longest for its request head, if any."""
-        for task, idle in self._clients.items():
-            if idle:
+        """Close the connection that has waited longest for its request head, if any (its
+        task ends as on any lost connection)."""
+        for task, writer in self._clients.items():
+            if task not in self._answering:
                 del self._clients[task]
-                task.cancel()
+                writer.transport.abort()
                 return True
         return False
 
@@ -225,8 +231,7 @@ class AdminServer:
             return error(400, "incomplete request"), False
         except TimeoutError:
             return error(408, f"no complete request within {REQUEST_TIMEOUT:g} s"), False
-        if task in self._clients:
-            self._clients[task] = False  # being answered: it no longer gives way
+        self._answering.add(task)  # it no longer gives way
         line = head.split(b"\r\n", 1)[0].decode("latin-1")
         parts = line.split(" ")
         if len(parts) != 3 or not parts[1].startswith("/"):
