@@ -23,6 +23,8 @@ import dns.exception
 import dns.message
 import dns.query
 
+from .bind import dig
+
 REALM = "LAB.TEST"
 DOMAIN = "lab.test"
 ADDRESS = "127.0.88.1"  # no other test uses it; Samba needs it on no interface
@@ -121,14 +123,7 @@ class Samba:
         )
 
     def dig(self, name: str, rdtype: str) -> list[str]:
-        out = subprocess.run(
-            ["dig", f"@{ADDRESS}", "-p", str(self.dns_port), name, rdtype, "+short", "+tcp"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout
-        return sorted(line for line in out.splitlines() if line)
+        return dig(ADDRESS, self.dns_port, name, rdtype)
 
     def log_text(self) -> str:
         return "\n".join(

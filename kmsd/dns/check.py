@@ -1,0 +1,81 @@
+"""`kmsd dns-check`: one authenticated update that changes nothing, against each publication
+target, and a line per target saying whether kmsd could publish there.
+
+The update carries only a prerequisite (the zone's apex exists) and no change, so it tests
+the way to the server, the credentials (TSIG key, or the Kerberos ticket and the GSS-TSIG
+context) and the server's acceptance of signed updates, and leaves the zone as it was.
+Whether the server lets this principal own the `_vlmcs._tcp` names shows at publication.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import dns.tsig
+import dns.update
+
+from ..addresses import join_host_port
+from .publish import Publisher, PublishSettings, UpdateFailed, primary_of, send_update
+
+
+@dataclass(frozen=True)
+class Outcome:
+    zone: str
+    server: str | None
+    credentials: str
+    ok: bool
+    detail: str
+
+    def line(self) -> str:
+        status = "ok" if self.ok else "FAILED"
+        where = self.server or "no server"
+        return f"{self.zone} at {where} ({self.credentials}): {status}: {self.detail}"
+
+
+def credentials_of(settings: PublishSettings) -> str:
+    if settings.gss is not None:
+        return "GSS-TSIG as " + settings.gss.describe()
+    if settings.key is not None:
+        return f"TSIG key {settings.key.name.to_text(True)}"
+    return "unsigned"
+
+
+def noop_update(settings: PublishSettings, key: dns.tsig.Key | None) -> dns.update.UpdateMessage:
+    """An update whose only content is the prerequisite that the zone's apex is in use."""
+    update = dns.update.UpdateMessage(settings.zone)
+    update.present(settings.zone)
+    if key is not None:
+        update.use_tsig(key)
+    return update
+
+
+async def check_target(settings: PublishSettings, timeout: float = 10.0) -> Outcome:
+    zone = settings.zone.to_text(True)
+    credentials = credentials_of(settings)
+    server = settings.server
+    try:
+        async with asyncio.timeout(timeout):
+            if server is None:
+                server = await primary_of(settings.zone)
+            publisher = Publisher(settings, [])
+            key = await publisher.signing_key(server)
+            await send_update(noop_update(settings, key), server)
+    except UpdateFailed as exc:
+        detail = f"{exc.rcode}: {exc.detail}"
+    except TimeoutError:
+        detail = f"TIMEOUT: no result within {timeout:g} s"
+    else:
+        how = "signed update accepted" if key is not None else "unsigned update accepted"
+        return Outcome(zone, _where(server), credentials, True, f"{how} (nothing changed)")
+    return Outcome(zone, _where(server), credentials, False, detail)
+
+
+def _where(server: tuple[str, int] | None) -> str | None:
+    return None if server is None else join_host_port(*server)
+
+
+async def check_all(targets: Sequence[PublishSettings]) -> list[Outcome]:
+    """Every target at once; one outcome each, in the targets' order."""
+    return list(await asyncio.gather(*(check_target(t) for t in targets)))
