@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import shutil
+import subprocess
+from pathlib import Path
 
 import dns.message
 import dns.name
@@ -242,3 +245,34 @@ async def test_a_publisher_reports_a_failed_context_and_sends_nothing() -> None:
     pub.gss = GssSigner(settings.gss, context=lambda c, s: FakeContext())  # type: ignore[arg-type]
     await pub.publish()
     assert len(sent) == 1 and sent[0].keyring.algorithm == dns.tsig.GSS_TSIG  # type: ignore[union-attr]
+
+
+def make_keytab(path: Path, *principals: str) -> Path:
+    script = "".join(
+        f"addent -password -p {p} -k 1 -e aes256-cts-hmac-sha1-96\nsecret\n" for p in principals
+    )
+    subprocess.run(
+        ["ktutil"],
+        input=f"{script}wkt {path}\nquit\n",
+        text=True,
+        check=True,
+        capture_output=True,
+        timeout=10,
+    )
+    return path
+
+
+@pytest.mark.skipif(not shutil.which("ktutil"), reason="krb5-user is not installed")
+def test_keytab_check_reads_the_file_and_finds_the_principal(tmp_path: Path) -> None:
+    keytab = make_keytab(tmp_path / "kms.keytab", "KMS1$@LAB.TEST", "host/kms1.lab.test@LAB.TEST")
+    assert gss.keytab_principals(keytab) == ["KMS1$@LAB.TEST", "host/kms1.lab.test@LAB.TEST"]
+    gss.check_keytab(keytab, "KMS1$@LAB.TEST")
+    gss.check_keytab(keytab, "KMS1$")  # any realm
+    gss.check_keytab(keytab, None)
+    with pytest.raises(ValueError, match=r"holds no key for KMS2\$@LAB.TEST \(it holds KMS1"):
+        gss.check_keytab(keytab, "KMS2$@LAB.TEST")
+    with pytest.raises(ValueError, match="cannot read"):
+        gss.check_keytab(tmp_path / "missing.keytab", None)
+    (tmp_path / "junk.keytab").write_bytes(b"not a keytab")
+    with pytest.raises(ValueError, match=r"junk\.keytab"):
+        gss.check_keytab(tmp_path / "junk.keytab", None)

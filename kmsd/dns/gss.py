@@ -284,6 +284,8 @@ def keytab_principals(keytab: Path) -> list[str]:
         result = subprocess.run(
             ["klist", "-k", str(keytab)], capture_output=True, text=True, timeout=10
         )
+    except FileNotFoundError:
+        raise ValueError(f"keytab {keytab}: klist is missing (install krb5-user)") from None
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise ValueError(f"keytab {keytab}: cannot list it with klist -k: {exc}") from None
     if result.returncode != 0:
@@ -294,3 +296,16 @@ def keytab_principals(keytab: Path) -> list[str]:
         if len(fields) == 2 and fields[0].isdigit():
             found.append(fields[1])
     return sorted(set(found))
+
+
+def check_keytab(keytab: Path, principal: str | None) -> None:
+    """ValueError unless `keytab` is readable and holds keys for `principal` (any principal
+    when None; a principal without @REALM matches it in any realm). Contacts nothing."""
+    held = keytab_principals(keytab)
+    if not held:
+        raise ValueError(f"keytab {keytab}: holds no keys")
+    if principal is None or principal in held:
+        return
+    if "@" not in principal and any(p.rsplit("@", 1)[0] == principal for p in held):
+        return
+    raise ValueError(f"keytab {keytab} holds no key for {principal} (it holds {', '.join(held)})")
