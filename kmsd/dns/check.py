@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TextIO
 
 import dns.tsig
 import dns.update
@@ -79,3 +80,15 @@ def _where(server: tuple[str, int] | None) -> str | None:
 async def check_all(targets: Sequence[PublishSettings]) -> list[Outcome]:
     """Every target at once; one outcome each, in the targets' order."""
     return list(await asyncio.gather(*(check_target(t) for t in targets)))
+
+
+def run(targets: Sequence[PublishSettings], out: TextIO) -> int:
+    """Check every target, print a line each: 0 when all are fine, 1 otherwise, 2 when
+    there is nothing to check."""
+    if not targets:
+        out.write("no DNS publication configured ([dns] publish_zone or publish_target)\n")
+        return 2
+    outcomes = asyncio.run(check_all(targets))
+    for outcome in outcomes:
+        out.write(outcome.line() + "\n")
+    return 0 if all(o.ok for o in outcomes) else 1
