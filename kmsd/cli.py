@@ -26,7 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
         "and Office). Every option can also be set in the configuration file or as the "
         "environment variable in brackets; the command line wins, then the environment, "
         "then the file.",
-        epilog="Other commands: kmsd check-config (print the effective configuration); on the "
+        epilog="Other commands: kmsd check-config (print the effective configuration, after "
+        "checking it: files readable, keytabs holding their principal); kmsd dns-check (one "
+        "signed DNS update that changes nothing, per publication target); on the "
         "database, safe while kmsd runs: kmsd clients, kmsd stats, kmsd forget CLIENT_ID, "
         "kmsd reset [--app NAME]; a lab DNS responder advertising KMS hosts: kmsd dns-serve "
         "ZONE --kms IP[:PORT]; each has --help.",
@@ -52,16 +54,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         from . import tablecmd
 
         return tablecmd.main(argv)
-    check_only = bool(argv) and argv[0] == "check-config"
+    command = argv[0] if argv and argv[0] in ("check-config", "dns-check") else None
     parser = build_parser()
-    given = vars(parser.parse_args(argv[1:] if check_only else argv))
+    if command is not None:
+        parser.prog = f"kmsd {command}"
+    given = vars(parser.parse_args(argv[1:] if command else argv))
     try:
         effective, settings = config.load(given)
     except config.ConfigError as exc:
         return configuration_error(exc)
-    if check_only:
+    if command == "check-config":
         print(config.render(effective), end="")
         return 0
+    if command == "dns-check":
+        from .dns import check
+
+        return check.run(settings.dns, sys.stdout)
     logs.configure(settings.logging.format, settings.logging.level)
     from . import daemon
 

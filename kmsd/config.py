@@ -37,6 +37,7 @@ from .protocol.constants import (
 from .protocol.rpc import MAX_FRAG, MUST_RECV_FRAG
 
 if TYPE_CHECKING:
+    from .dns.gss import GssCredentials
     from .dns.publish import PublishSettings
     from .host import HostPolicy
     from .limits import Network
@@ -181,6 +182,98 @@ def one_of(*choices: str) -> Callable[[str], str]:
 
 
 @dataclass(frozen=True)
+class Target:
+    """One domain to publish in, as the operator wrote it (like DnsDomainPublishList)."""
+
+    zone: str
+    server: tuple[str, int] | None = None
+    host: str | None = None
+    address: tuple[str, ...] = ()
+    priority: int = 0
+    weight: int = 0
+    ttl: int = 600
+    key: str | None = None  # TSIG key file
+    keytab: str | None = None  # GSS-TSIG: keytab, principal, ccache, service
+    principal: str | None = None
+    ccache: str | None = None
+    service: str | None = None
+
+    @property
+    def gss(self) -> bool:
+        return any((self.keytab, self.principal, self.ccache, self.service))
+
+    def text(self) -> str:
+        """The one-line form (--publish-target)."""
+        parts = [self.zone]
+        for name in TARGET_KEYS[1:]:
+            value = getattr(self, name)
+            if name == "address":
+                parts += [f"address={a}" for a in value]
+            elif name == "server" and value is not None:
+                parts.append(f"server={show_listen(value)}")
+            elif value is not None and value != getattr(Target, name, None):
+                parts.append(f"{name}={value}")
+        return " ".join(parts)
+
+
+TARGET_KEYS = (
+    "zone", "server", "host", "address", "priority", "weight", "ttl",
+    "key", "keytab", "principal", "ccache", "service",
+)  # fmt: skip
+
+
+def target_from_table(table: Mapping[str, Any]) -> Target:
+    """A [[dns.publish_target]] table; ValueError naming what is wrong."""
+    unknown = sorted(set(table) - set(TARGET_KEYS))
+    if unknown:
+        raise ValueError(f"unknown key {unknown[0]!r} (known: {', '.join(TARGET_KEYS)})")
+    if "zone" not in table:
+        raise ValueError("a target needs a zone")
+    parsers: dict[str, Callable[[str], Any]] = {
+        "zone": parse_zone,
+        "server": parse_dns_server,
+        "host": parse_zone,
+        "priority": number(int, 0, 65535),
+        "weight": number(int, 0, 65535),
+        "ttl": number(int, 0, 2147483647),
+    }
+    fields: dict[str, Any] = {}
+    for name, raw in table.items():
+        if name == "address":
+            items = raw if isinstance(raw, list) else [raw]
+            fields[name] = tuple(parse_address(str(a)) for a in items)
+        else:
+            fields[name] = parsers.get(name, str)(str(raw))
+    target = Target(**fields)
+    if target.key is not None and target.gss:
+        raise ValueError(
+            f"{target.zone}: key (TSIG) and keytab/principal/ccache/service (GSS-TSIG) "
+            "exclude each other"
+        )
+    return target
+
+
+def parse_target(text: str) -> Target:
+    """'ZONE key=value ...' (address may repeat)."""
+    zone, *pairs = text.split() or [""]
+    table: dict[str, Any] = {"zone": zone}
+    addresses = []
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep:
+            raise ValueError(f"{pair!r} is not key=value")
+        if name == "address":
+            addresses.append(value)
+        elif name in table:
+            raise ValueError(f"{name} given twice")
+        else:
+            table[name] = value
+    if addresses:
+        table["address"] = addresses
+    return target_from_table(table)
+
+
+@dataclass(frozen=True)
 class Option:
     name: str  # attribute, TOML key (in its section) and, upper-cased, the KMSD_ variable
     section: str
@@ -193,6 +286,7 @@ class Option:
     reload: bool = False  # SIGHUP applies a change without a restart
     show: Callable[[Any], str] = str
     unit: float = 1.0  # seconds per unit of a time given in minutes, hours or days
+    table: Callable[[Mapping[str, Any]], Any] | None = None  # parses a TOML table item
 
     @property
     def cli(self) -> str:
@@ -486,6 +580,42 @@ OPTIONS: tuple[Option, ...] = (
         "FILE",
     ),
     Option(
+        "publish_keytab",
+        "dns",
+        str,
+        None,
+        "sign the updates with GSS-TSIG (Active Directory's secure updates) as "
+        "--publish-principal, with keys from this keytab (kmsd gets and renews its tickets)",
+        "FILE",
+    ),
+    Option(
+        "publish_principal",
+        "dns",
+        str,
+        None,
+        "GSS-TSIG: the Kerberos principal kmsd updates as, e.g. KMS1$@CORP.EXAMPLE (without "
+        "--publish-keytab: tickets from the credential cache)",
+        "PRINCIPAL",
+    ),
+    Option(
+        "publish_ccache",
+        "dns",
+        str,
+        None,
+        "GSS-TSIG: the Kerberos credential cache to use (default: KRB5CCNAME's, or kmsd's "
+        "own in memory with --publish-keytab)",
+        "CCACHE",
+    ),
+    Option(
+        "publish_service",
+        "dns",
+        str,
+        None,
+        "GSS-TSIG: the DNS server's principal, DNS@HOST or DNS/HOST@REALM (default: DNS@ "
+        "the zone's SOA MNAME)",
+        "PRINCIPAL",
+    ),
+    Option(
         "publish_host",
         "dns",
         parse_zone,
@@ -540,6 +670,20 @@ OPTIONS: tuple[Option, ...] = (
         "published at once when they change)",
         "SECONDS",
         reload=True,
+    ),
+    Option(
+        "publish_target",
+        "dns",
+        lambda text: parse_target(text),
+        [],
+        "another domain to publish in (repeatable; in the file: [[dns.publish_target]] "
+        "tables): 'ZONE key=value ...', keys server, host, address, priority, weight, ttl, "
+        "key (TSIG), keytab, principal, ccache, service (GSS-TSIG)",
+        "TARGET",
+        repeat=True,
+        reload=True,
+        show=lambda target: target.text(),
+        table=lambda table: target_from_table(table),
     ),
     Option(
         "log_format",
@@ -604,7 +748,7 @@ class Settings:
     admin: tuple[str, int] | None  # the admin endpoint's address; None: off
     host: HostSettings
     table: StoreSettings
-    dns: PublishSettings | None  # None: no publication
+    dns: tuple[PublishSettings, ...]  # the publication targets; empty: none
     logging: LogSettings
     process: ProcessSettings
 
@@ -679,27 +823,87 @@ def build(effective: Effective) -> Settings:
     )
 
 
-def _publish_settings(effective: Effective) -> PublishSettings | None:
+def _targets(effective: Effective) -> list[Target]:
+    """The domains to publish in: the short form ([dns] publish_zone ...) first."""
     v = effective.value
+    targets = list(v("publish_target"))
     zone = v("publish_zone")
-    if zone is None:
-        return None
-    from .dns import publish  # dnspython is loaded only by a kmsd that publishes
-
-    try:
-        return publish.make_settings(
+    if zone is not None:
+        short = Target(
             zone=zone,
-            host=v("publish_host") or f"{socket.gethostname().split('.')[0]}.{zone}",
             server=v("publish_server"),
-            key=Path(v("publish_key")) if v("publish_key") else None,
-            addresses=tuple(v("publish_address")),
+            host=v("publish_host"),
+            address=tuple(v("publish_address")),
             priority=v("publish_priority"),
             weight=v("publish_weight"),
             ttl=v("publish_ttl"),
-            interval=v("publish_interval"),
+            key=v("publish_key"),
+            keytab=v("publish_keytab"),
+            principal=v("publish_principal"),
+            ccache=v("publish_ccache"),
+            service=v("publish_service"),
         )
-    except ValueError as exc:
-        raise ConfigError(f"{BY_NAME['publish_key'].key}: {exc}") from None
+        if short.key is not None and short.gss:
+            raise ConfigError(
+                "dns.publish_key (TSIG) and dns.publish_keytab/principal/ccache/service "
+                "(GSS-TSIG) exclude each other"
+            )
+        targets.insert(0, short)
+    seen = [t.zone for t in targets]
+    twice = sorted({z for z in seen if seen.count(z) > 1})
+    if twice:
+        raise ConfigError(f"dns: {', '.join(twice)}: more than one publication target")
+    return targets
+
+
+def _publish_settings(effective: Effective) -> tuple[PublishSettings, ...]:
+    targets = _targets(effective)
+    if not targets:
+        return ()
+    from .dns import publish  # dnspython is loaded only by a kmsd that publishes
+
+    short_host = socket.gethostname().split(".")[0]
+    short_form = effective.value("publish_zone") is not None
+    result = []
+    for i, t in enumerate(targets):
+        try:
+            result.append(
+                publish.make_settings(
+                    zone=t.zone,
+                    host=t.host or f"{short_host}.{t.zone}",
+                    server=t.server,
+                    key=Path(t.key) if t.key else None,
+                    gss=_gss(t),
+                    addresses=t.address,
+                    priority=t.priority,
+                    weight=t.weight,
+                    ttl=t.ttl,
+                    interval=effective.value("publish_interval"),
+                )
+            )
+        except ValueError as exc:
+            if i == 0 and short_form:
+                where = BY_NAME["publish_key" if t.key else "publish_keytab"].key
+            else:
+                where = f"{BY_NAME['publish_target'].key} {t.zone}"
+            raise ConfigError(f"{where}: {exc}") from None
+    return tuple(result)
+
+
+def _gss(target: Target) -> GssCredentials | None:
+    """GSS-TSIG credentials, the keytab checked (locally) and the binding present."""
+    if not target.gss:
+        return None
+    import importlib.util
+
+    from .dns.gss import GssCredentials, check_keytab
+
+    if importlib.util.find_spec("gssapi") is None:
+        raise ValueError("GSS-TSIG needs the python gssapi binding: pip install 'kmsd[gss]'")
+    keytab = Path(target.keytab) if target.keytab else None
+    if keytab is not None:
+        check_keytab(keytab, target.principal)
+    return GssCredentials(target.principal, keytab, target.ccache, target.service)
 
 
 def _ipv6_available() -> bool:
@@ -770,6 +974,8 @@ def _from_toml(option: Option, value: object) -> Any:
     if option.repeat:
         if not isinstance(value, list):
             raise ValueError(f"expected an array, got {type(value).__name__}")
+        if option.table is not None:
+            return [option.table(v) if isinstance(v, dict) else option.parse(str(v)) for v in value]
         return [option.parse(str(v)) for v in value]
     if option.flag:
         if not isinstance(value, bool):

@@ -17,6 +17,7 @@ from . import __version__, config, logs, privileges, reload, systemd
 from .addresses import join_host_port
 from .cache import RECORD_LIFETIME
 from .clock import FileClock
+from .dns.targets import Publications
 from .eventloop import run_on_loop, uvloop_installed
 from .host import HostIdentity, KmsHost
 from .protocol.products import products
@@ -25,7 +26,6 @@ from .store import MEMORY, SqliteStore, StoreError
 
 if TYPE_CHECKING:
     from . import web
-    from .dns.publish import Publisher
 
 log = structlog.get_logger("kmsd")
 
@@ -96,11 +96,12 @@ async def serve(
         loop.add_signal_handler(sig, stop.set)
     log_overrides(settings)
     endpoint = await _start_admin(settings, server, store)
-    publisher = _start_publishing(settings, server.addresses)
+    publications = Publications(server.addresses)  # its failures never stop kmsd
+    publications.apply(settings.dns)
     if endpoint is not None:
-        endpoint.watch_dns(publisher)
+        endpoint.watch_dns(publications)
     if effective is not None:
-        reloader = reload.Reloader(cli or {}, effective, settings, host, publisher)
+        reloader = reload.Reloader(cli or {}, effective, settings, host, publications)
         loop.add_signal_handler(signal.SIGHUP, reloader.reload)
     log.info(
         "kmsd ready",
@@ -117,8 +118,7 @@ async def serve(
     log.info("stopping", connections=len(server.connections))
     if endpoint is not None:
         await endpoint.stop()
-    if publisher is not None:
-        await publisher.stop()  # clients stop being sent here before the host goes
+    await publications.stop()  # clients stop being sent here before the host goes
     await server.stop()
     await store.close()
     await server.drained()
@@ -142,19 +142,6 @@ async def _start_admin(
         await server.stop()
         await store.close()
         raise
-
-
-def _start_publishing(
-    settings: config.Settings, addresses: Sequence[tuple[str, int]]
-) -> Publisher | None:
-    """SRV publication when [dns] publish_zone is set; its failures never stop kmsd."""
-    if settings.dns is None:
-        return None
-    from .dns import publish  # dnspython is loaded only by a kmsd that publishes
-
-    publisher = publish.Publisher(settings.dns, addresses)
-    publisher.start()
-    return publisher
 
 
 def run(settings: config.Settings, effective: config.Effective, cli: Mapping[str, Any]) -> int:

@@ -255,12 +255,12 @@ def _number(value: float) -> str:
     return repr(float(value))
 
 
-def publisher_state(publisher: Any) -> Mapping[str, Any]:
+def publisher_state(publisher: Any) -> Mapping[str, Any] | None:
     """The DNS publication state of a kmsd.dns.publish.Publisher: its own `state()` when it
     has one, else what its attributes show."""
     state = getattr(publisher, "state", None)
     if callable(state):
-        result: Mapping[str, Any] = state()
+        result: Mapping[str, Any] | None = state()
         return result
     published = getattr(publisher, "published", None)
     settings = getattr(publisher, "settings", None)

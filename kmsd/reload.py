@@ -14,7 +14,7 @@ from . import config, logs, systemd
 from .host import KmsHost
 
 if TYPE_CHECKING:
-    from .dns.publish import Publisher
+    from .dns.targets import Publications
 
 log = structlog.get_logger("kmsd")
 
@@ -36,7 +36,7 @@ class Reloader:
         effective: config.Effective,
         settings: config.Settings,
         host: KmsHost,
-        publisher: Publisher | None = None,
+        publications: Publications | None = None,
         *,
         environ: Mapping[str, str] = os.environ,
         notify: Callable[[str], object] = systemd.notify,
@@ -45,7 +45,7 @@ class Reloader:
         self.effective = effective  # what runs now, as written
         self.settings = settings  # what runs now, typed
         self.host = host
-        self.publisher = publisher
+        self.publications = publications
         self.environ = environ
         self.notify = notify
 
@@ -97,5 +97,5 @@ class Reloader:
             self.host.identity.overrides = dict(new.host.epids)
         if new.logging.level != old.logging.level:
             logs.set_level(new.logging.level)
-        if self.publisher is not None and new.dns is not None and new.dns != old.dns:
-            self.publisher.reconfigure(new.dns)
+        if self.publications is not None and new.dns != old.dns:
+            self.publications.apply(new.dns)

@@ -36,8 +36,7 @@ def server_settings(**changes: Any) -> ServerSettings:
 
 def publish_settings(zone: str = "lab.test", **changes: Any) -> PublishSettings:
     """kmsd's default publication settings for `zone`, with the target kms1.<zone>."""
-    settings = defaults(publish_zone=zone, publish_host=f"kms1.{zone}").dns
-    assert settings is not None
+    (settings,) = defaults(publish_zone=zone, publish_host=f"kms1.{zone}").dns
     return replace(settings, **changes)
 
 

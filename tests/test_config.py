@@ -169,7 +169,7 @@ def test_settings_are_typed_and_in_seconds(tmp_path: Path) -> None:
     assert settings.host.policy.renewal_interval == 10080  # minutes, as the wire carries it
     assert settings.network.listen == (("127.0.0.1", 2000),)
     assert WIN and dict(settings.host.epids) == {WIN.kms.id: EPID}
-    assert settings.dns is None and settings.admin is None
+    assert settings.dns == () and settings.admin is None
     assert config.defaults().table.history == 180 * 86400
 
 

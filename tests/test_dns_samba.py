@@ -14,8 +14,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,7 +24,7 @@ from kmsclient import cli as kmsclient_cli
 from . import bind as bind_server
 from . import samba as samba_dc
 from .bind import Bind
-from .conftest import KmsdProcess, start_kmsd, stop_kmsd
+from .conftest import KmsdProcess, run_kmsd, start_kmsd, stop_kmsd
 from .samba import DOMAIN, REALM, Samba
 
 SRV_NAME = f"_vlmcs._tcp.{DOMAIN}"
@@ -95,6 +93,10 @@ def gss_target(lab: Lab, account: str, *, priority: int = 0, weight: int = 0) ->
         f"principal={account}$@{REALM} host={account.lower()}.{DOMAIN} "
         f"priority={priority} weight={weight} ttl=30"
     )
+
+
+def samba_dig_all(samba: Samba) -> list[str]:
+    return samba.dig(SRV_NAME, "SRV") + samba.dig(f"kms1.{DOMAIN}", "A")
 
 
 def kmsd_on(address: str, *targets: str, extra: tuple[str, ...] = ()) -> KmsdProcess:
@@ -179,16 +181,28 @@ def test_secure_publication_rights_refusals_discovery_and_clean_withdrawal(
             stop_kmsd(kmsd)
 
 
-def test_a_wrong_principal_is_refused_with_the_reason(lab: Lab) -> None:
-    """KMS1's keytab holds no key for KMS2$: kmsd cannot get a ticket and says so."""
-    target = gss_target(lab, "KMS2").replace(str(lab.keytabs["KMS2"]), str(lab.keytabs["KMS1"]))
-    kmsd = kmsd_on("127.0.88.6", target)
+def test_wrong_credentials_are_refused_with_the_reason(lab: Lab) -> None:
+    # A keytab without the principal's keys: found before anything is contacted.
+    mixed = gss_target(lab, "KMS2").replace(str(lab.keytabs["KMS2"]), str(lab.keytabs["KMS1"]))
+    result = run_kmsd("check-config", "--publish-target", mixed)
+    assert result.returncode == 2
+    assert f"keytab {lab.keytabs['KMS1']} holds no key for KMS2$@{REALM}" in result.stderr
+
+    # A keytab whose keys the domain no longer accepts (the password changed since):
+    # the KDC refuses, kmsd says why, retries, and serves on.
+    lab.keytabs["KMS4"] = lab.samba.machine_account("KMS4")
+    lab.samba.tool("user", "setpassword", "KMS4$", f"--newpassword={os.urandom(12).hex()}Aa1!")
+    kmsd = kmsd_on("127.0.88.6", gss_target(lab, "KMS4"))
     try:
         failed = kmsd.read_log_until("dns update failed", timeout=30)
         assert failed["rcode"] == "GSSAPI"
-        assert str(failed["error"]).startswith("principal not in keytab: ")
+        assert str(failed["error"]).startswith("wrong password or key: ")
+        assert "Preauthentication failed" in str(failed["error"])
+        assert failed["credentials"] == f"GSS-TSIG as KMS4$@{REALM} (keytab {lab.keytabs['KMS4']})"
         assert failed["retry_in"] == 1.0
         assert kmsd.read_log_until("dns update failed", timeout=10)["retry_in"] == 2.0
+        out = io.StringIO()
+        assert kmsclient_cli.main(["activate", f"127.0.88.6:{kmsd.port}"], out) == 0
     finally:
         assert stop_kmsd(kmsd) == 0
 
@@ -239,24 +253,28 @@ ttl = 30
 
 
 def test_dns_check_reports_each_target(lab: Lab, bind: Bind) -> None:
-    wrong = gss_target(lab, "KMS2").replace(str(lab.keytabs["KMS2"]), str(lab.keytabs["KMS1"]))
+    nowhere = (
+        f"other.test server={lab.samba.nameserver} keytab={lab.keytabs['KMS1']} "
+        f"principal=KMS1$@{REALM} service=DNS/nowhere.{DOMAIN}@{REALM}"
+    )
     argv = [
-        sys.executable,
-        "-m",
-        "kmsd",
         "dns-check",
         "--publish-target",
         gss_target(lab, "KMS1"),
         "--publish-target",
         f"{CORP} server={bind.address} key={bind.key}",
         "--publish-target",
-        wrong.replace(DOMAIN, "other.test", 1) + f" service=DNS@dc1.{DOMAIN}",
+        nowhere,
     ]
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    result = run_kmsd(*argv)
     lines = result.stdout.splitlines()
     assert result.returncode == 1, result.stderr
     assert len(lines) == 3, result.stdout
     assert lines[0].startswith(f"{DOMAIN} at {lab.samba.nameserver} (GSS-TSIG as KMS1$@")
-    assert ": ok: signed update accepted" in lines[0]
-    assert lines[1].startswith(f"{CORP} at {bind.address} (TSIG key kmsd-key): ok")
-    assert "FAILED: GSSAPI: principal not in keytab" in lines[2]
+    assert lines[0].endswith(": ok: signed update accepted (nothing changed)")
+    assert lines[1] == (
+        f"{CORP} at {bind.address} (TSIG key kmsd-key): ok: signed update accepted "
+        "(nothing changed)"
+    )
+    assert ": FAILED: GSSAPI: unknown principal: " in lines[2]
+    assert samba_dig_all(lab.samba) == []  # nothing was published or left behind

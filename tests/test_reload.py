@@ -17,6 +17,7 @@ import structlog
 from kmsclient.session import KmsConnection, base_request
 from kmsd import config, logs
 from kmsd.cli import build_parser
+from kmsd.dns.publish import PublishSettings
 from kmsd.protocol.kms import BaseResponse
 from kmsd.protocol.products import products
 from kmsd.reload import Reloader
@@ -185,12 +186,12 @@ def test_unknown_user_is_refused_before_anything_runs() -> None:
     assert "'no-such-user-kmsd': no such user" in result.stderr
 
 
-class FakePublisher:
+class FakePublications:
     def __init__(self) -> None:
-        self.settings: list[object] = []
+        self.targets: list[tuple[PublishSettings, ...]] = []
 
-    def reconfigure(self, settings: object) -> None:
-        self.settings.append(settings)
+    def apply(self, targets: tuple[PublishSettings, ...]) -> None:
+        self.targets.append(targets)
 
 
 def test_reload_reconfigures_dns_publication(tmp_path: Path) -> None:
@@ -198,23 +199,34 @@ def test_reload_reconfigures_dns_publication(tmp_path: Path) -> None:
     dns = '[dns]\npublish_zone = "lab.test"\npublish_server = "127.0.0.1:5300"\n'
     file.write_text(dns)
     given = vars(build_parser().parse_args(["--config", str(file)]))
-    publisher = FakePublisher()
+    publications = FakePublications()
     reloader = Reloader(
         given,
         *config.load(given, {}),
         make_host(),
-        publisher,
+        publications,  # type: ignore[arg-type]
         environ={},
         notify=len,
     )
     file.write_text(dns + "publish_ttl = 60\npublish_priority = 5\n")
     assert reloader.reload()
-    (settings,) = publisher.settings
+    ((settings,),) = publications.targets
     assert (settings.ttl, settings.priority, settings.zone.to_text()) == (60, 5, "lab.test.")
     # Another zone needs a restart: the publisher is left alone.
     file.write_text(
         dns.replace("lab.test", "other.test") + "publish_ttl = 60\npublish_priority = 5\n"
     )
     assert reloader.reload()
-    assert len(publisher.settings) == 1
+    assert len(publications.targets) == 1
     assert reloader.effective.values["publish_zone"] == "lab.test"
+    # Targets come and go with a reload.
+    target = '[[dns.publish_target]]\nzone = "corp.test"\nserver = "127.0.0.1:5301"\nweight = 7\n'
+    file.write_text(dns + "publish_ttl = 60\npublish_priority = 5\n" + target)
+    assert reloader.reload()
+    assert [(t.zone.to_text(), t.weight) for t in publications.targets[-1]] == [
+        ("lab.test.", 0),
+        ("corp.test.", 7),
+    ]
+    file.write_text(dns + "publish_ttl = 60\npublish_priority = 5\n")
+    assert reloader.reload()
+    assert [t.zone.to_text() for t in publications.targets[-1]] == ["lab.test."]

@@ -35,14 +35,6 @@ class Outcome:
         return f"{self.zone} at {where} ({self.credentials}): {status}: {self.detail}"
 
 
-def credentials_of(settings: PublishSettings) -> str:
-    if settings.gss is not None:
-        return "GSS-TSIG as " + settings.gss.describe()
-    if settings.key is not None:
-        return f"TSIG key {settings.key.name.to_text(True)}"
-    return "unsigned"
-
-
 def noop_update(settings: PublishSettings, key: dns.tsig.Key | None) -> dns.update.UpdateMessage:
     """An update whose only content is the prerequisite that the zone's apex is in use."""
     update = dns.update.UpdateMessage(settings.zone)
@@ -54,7 +46,7 @@ def noop_update(settings: PublishSettings, key: dns.tsig.Key | None) -> dns.upda
 
 async def check_target(settings: PublishSettings, timeout: float = 10.0) -> Outcome:
     zone = settings.zone.to_text(True)
-    credentials = credentials_of(settings)
+    credentials = settings.credentials()
     server = settings.server
     try:
         async with asyncio.timeout(timeout):

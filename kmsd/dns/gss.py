@@ -70,11 +70,13 @@ class GssError(Exception):
 
 
 def reason_of(message: str) -> str:
-    """The operator's words for a GSS-API/Kerberos error message."""
+    """The operator's words for a GSS-API/Kerberos error message; the Kerberos (minor)
+    part says more than the GSS-API (major) one, so it is read first."""
     lowered = message.lower()
-    for reason, needles in _REASONS:
-        if any(n in lowered for n in needles):
-            return reason
+    for part in (lowered.partition("minor")[2], lowered):
+        for reason, needles in _REASONS:
+            if any(n in part for n in needles):
+                return reason
     return "GSS-API error"
 
 

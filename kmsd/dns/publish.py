@@ -75,6 +75,14 @@ class PublishSettings:
     def srv_name(self) -> dns.name.Name:
         return SERVICE.concatenate(self.zone)
 
+    def credentials(self) -> str:
+        """How updates are signed, for logs and dns-check."""
+        if self.gss is not None:
+            return "GSS-TSIG as " + self.gss.describe()
+        if self.key is not None:
+            return f"TSIG key {self.key.name.to_text(True)}"
+        return "unsigned"
+
 
 @dataclass(frozen=True)
 class Publication:
@@ -170,7 +178,8 @@ def read_answer(wire: bytes, request: dns.message.Message) -> dns.message.Messag
     """The answer to `request`, its TSIG signature checked when the request was signed.
 
     Samba signs over the request MAC without its length bytes; that variant is accepted
-    for GSS-TSIG (see gss.SambaVariant)."""
+    for GSS-TSIG (see gss.SambaVariant). UpdateFailed for an answer that is not to be
+    trusted, and for an error answer whose signature does not verify."""
     key = request.keyring if request.had_tsig else None
     try:
         if not isinstance(key, dns.tsig.Key):
@@ -187,7 +196,14 @@ def read_answer(wire: bytes, request: dns.message.Message) -> dns.message.Messag
         # The primary refused the signature and said why in its (unsigned) TSIG record.
         raise UpdateFailed("NOTAUTH", f"TSIG error {_TSIG_ERRORS[type(exc)]}") from None
     except dns.tsig.BadSignature:
-        raise UpdateFailed("NOTAUTH", "the primary's answer has a bad TSIG signature") from None
+        unverified = dns.message.from_wire(wire, keyring=False)
+        rcode = unverified.rcode()
+        if rcode == dns.rcode.NOERROR:
+            raise UpdateFailed("NOTAUTH", "the primary's answer has a bad TSIG signature") from None
+        # A refusal is believed all the same (it changes nothing here): Samba signs the
+        # updates it refuses with the request's own MAC.
+        detail = f"{_refusal(rcode, request)} (the answer's signature does not verify)"
+        raise UpdateFailed(dns.rcode.to_text(rcode), detail) from None
     except dns.exception.FormError as exc:
         unsigned = dns.message.from_wire(wire, keyring=False)
         if unsigned.rcode() != dns.rcode.NOERROR and not unsigned.had_tsig:
@@ -213,10 +229,9 @@ def _refusal(rcode: int, msg: dns.message.Message) -> str:
         return "the primary did not apply the update"
     if not msg.had_tsig:
         return "refused unsigned: the zone may accept signed updates only (TSIG or GSS-TSIG)"
-    assert msg.keyring is not None
     return (
-        f"refused by the server's policy: key {msg.keyring.name} (its principal) may not "
-        "change these names (another account may own them)"
+        "refused by the server's policy: these credentials may not change these names "
+        "(another account may own them)"
     )
 
 
@@ -332,8 +347,7 @@ class Publisher:
                 service = "DNS@" + (await primary_name(self.settings.zone, server)).to_text(True)
             return await self.gss.signing_key(server, service, self.exchange)
         except GssError as exc:
-            who = creds.describe()
-            raise UpdateFailed("GSSAPI", f"{exc.reason}: {exc.detail} (as {who})") from None
+            raise UpdateFailed("GSSAPI", f"{exc.reason}: {exc.detail}") from None
         except dns.exception.DNSException as exc:
             raise UpdateFailed("GSSAPI", f"TKEY exchange: {exc}") from None
 
@@ -421,6 +435,7 @@ class Publisher:
                         server=_fmt(self.server),
                         rcode=exc.rcode,
                         error=exc.detail,
+                        credentials=self.settings.credentials(),
                         retry_in=backoff,
                     )
                     wait, backoff = backoff, min(backoff * 2, MAX_BACKOFF)
@@ -489,6 +504,7 @@ def make_settings(
     host: str,
     server: tuple[str, int] | None,
     key: Path | None,
+    gss: GssCredentials | None,
     addresses: tuple[str, ...],
     priority: int,
     weight: int,
@@ -502,7 +518,7 @@ def make_settings(
         host=dns.name.from_text(host),
         server=server,
         key=read_key(key) if key is not None else None,
-        gss=None,
+        gss=gss,
         addresses=addresses,
         priority=priority,
         weight=weight,

@@ -85,10 +85,10 @@ class Publications:
         await asyncio.gather(*(p.stop() for p in publishers), return_exceptions=True)
         await self.settled()
 
-    def state(self) -> dict[str, Any]:
-        """Each target's state (for the admin endpoint and metrics)."""
+    def state(self) -> dict[str, Any] | None:
+        """The first target's state and every target's (for the admin endpoint and
+        metrics); None when nothing is published."""
         from ..metrics import publisher_state
 
-        targets = [dict(publisher_state(p)) for p in self.publishers.values()]
-        first = targets[0] if targets else {"zone": "", "published": False}
-        return {**first, "targets": targets}
+        targets = [dict(publisher_state(p) or {}) for p in self.publishers.values()]
+        return {**targets[0], "targets": targets} if targets else None
