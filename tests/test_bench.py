@@ -80,3 +80,23 @@ def test_median_round_is_chosen_per_cell() -> None:
     keep, new = median_cells(rounds)
     assert (keep.cpu_us, new.cpu_us) == (20.0, 300.0)
     assert [c.cpu_us for c in median_cells(rounds[:2])] == [10.0, 300.0]  # the lower median
+
+
+def test_hostile_benchmark_runs_each_case() -> None:
+    """bench/hostile.py, small: every case runs and prints its figures."""
+    result = subprocess.run(
+        [
+            *(sys.executable, str(BENCH.parent / "hostile.py"), "--hostile", "30"),
+            *("--idle", "30", "--addresses", "3", "--legit", "3", "--duration", "1"),
+            *("--count", "200"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "legitimate, 30 hostile open" in out
+    assert out.count("legitimate success: 3 of 3 = 100.0 %") == 2  # lockout, probes
+    assert "logflood:" in out and "lines/s" in out
