@@ -9,13 +9,14 @@ are made with samba-tool directly on the directory's database.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +35,29 @@ SAMBA_TOOL = shutil.which("samba-tool") or "/usr/bin/samba-tool"
 # The DC's DNS server and KDC only: no file service, LDAP, RPC, replication or time service.
 SERVICES = "-s3fs -nbt -wrepl -ntp_signd -winbindd -dnsupdate -ldap -cldap -drepl -kcc -rpc"
 MAX_RUNTIME = 1800  # Samba stops itself after this many seconds should the tests die
+
+
+# Runs samba-tool's commands one after the other in one interpreter.
+_BATCH = """
+import json, sys
+from samba.netcmd.main import cmd_sambatool
+for argv in json.loads(sys.argv[1]):
+    tool = cmd_sambatool()
+    try:
+        status = tool._run("samba-tool", *argv)
+    except Exception as exc:
+        tool.show_command_error(exc)
+        status = 1
+    if status:
+        sys.exit(f"samba-tool {' '.join(argv)}: exit status {status}")
+"""
+
+
+def _samba_python() -> str:
+    """The interpreter samba-tool runs with (Samba's modules are installed for it)."""
+    with open(SAMBA_TOOL) as script:
+        first = script.readline()
+    return first[2:].strip() if first.startswith("#!") else "/usr/bin/python3"
 
 
 def installed() -> bool:
@@ -81,35 +105,46 @@ class Samba:
     def server(self) -> tuple[str, int]:
         return (ADDRESS, self.dns_port)
 
-    def tool(self, *args: str) -> str:
-        """samba-tool on this domain's database; its output."""
+    def tool(self, *commands: Sequence[str]) -> str:
+        """samba-tool commands on this domain's database, in one process (samba-tool takes
+        a second to start); their output."""
+        argv = [[*c, "-s", str(self.smb_conf)] for c in commands]
         result = subprocess.run(
-            [SAMBA_TOOL, *args, "-s", str(self.smb_conf)],
+            [_samba_python(), "-c", _BATCH, json.dumps(argv)],
             capture_output=True,
             text=True,
-            timeout=120,
+            timeout=300,
             env=self.env(),
         )
         if result.returncode != 0:
-            raise RuntimeError(f"samba-tool {' '.join(args)}: {result.stderr or result.stdout}")
+            raise RuntimeError(f"samba-tool: {result.stderr or result.stdout}")
         return result.stdout
 
     def env(self) -> dict[str, str]:
         return {**os.environ, "KRB5_CONFIG": str(self.krb5_conf)}
 
-    def machine_account(self, name: str) -> Path:
-        """A computer account NAME$ and a keytab holding its keys."""
-        keytab = self.directory / f"{name.lower()}.keytab"
-        self.tool("computer", "create", name)
-        self.tool("user", "setpassword", f"{name}$", f"--newpassword={os.urandom(12).hex()}Aa1!")
-        self.tool("domain", "exportkeytab", str(keytab), f"--principal={name}$")
-        return keytab
+    def machine_accounts(self, *names: str) -> dict[str, Path]:
+        """Computer accounts NAME$, each with a keytab holding its keys."""
+        keytabs = {name: self.directory / f"{name.lower()}.keytab" for name in names}
+        commands = []
+        for name, keytab in keytabs.items():
+            password = f"--newpassword={os.urandom(12).hex()}Aa1!"
+            commands += [
+                ["computer", "create", name],
+                ["user", "setpassword", f"{name}$", password],
+                ["domain", "exportkeytab", str(keytab), f"--principal={name}$"],
+            ]
+        self.tool(*commands)
+        return keytabs
 
     def group(self, name: str, *members: str) -> str:
         """A security group with these members; its SID."""
-        self.tool("group", "add", name)
-        self.tool("group", "addmembers", name, ",".join(members))
-        for line in self.tool("group", "show", name, "--attributes=objectSid").splitlines():
+        out = self.tool(
+            ["group", "add", name],
+            ["group", "addmembers", name, ",".join(members)],
+            ["group", "show", name, "--attributes=objectSid"],
+        )
+        for line in out.splitlines():
             if line.startswith("objectSid:"):
                 return line.split(":", 1)[1].strip()
         raise RuntimeError(f"group {name} has no objectSid")
@@ -118,9 +153,8 @@ class Samba:
         """Full control for `sid` over the DNS name `name` of the domain's zone."""
         dc = ",".join(f"DC={part}" for part in DOMAIN.split("."))
         node = f"DC={name},DC={DOMAIN},CN=MicrosoftDNS,DC=DomainDnsZones,{dc}"
-        self.tool(
-            "dsacl", "set", f"--objectdn={node}", f"--sddl=(A;;RPWPCRCCDCLCLORCWOWDSDDTSW;;;{sid})"
-        )
+        sddl = f"--sddl=(A;;RPWPCRCCDCLCLORCWOWDSDDTSW;;;{sid})"
+        self.tool(["dsacl", "set", f"--objectdn={node}", sddl])
 
     def dig(self, name: str, rdtype: str) -> list[str]:
         return dig(ADDRESS, self.dns_port, name, rdtype)
