@@ -3,6 +3,7 @@ sign its answers, with a stand-in GSS-API context (an HMAC) and a stand-in DNS s
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import shutil
@@ -273,8 +274,24 @@ async def test_a_publisher_reports_a_failed_context_and_sends_nothing() -> None:
     assert failed.value.detail.startswith("clock skew: ")
     assert sent == []
     pub.gss = GssSigner(settings.gss, context=lambda c, s: FakeContext())  # type: ignore[arg-type]
+    server = FakeServer()
+    pub.exchange = server.exchange
     await pub.publish()
     assert len(sent) == 1 and sent[0].keyring.algorithm == dns.tsig.GSS_TSIG  # type: ignore[union-attr]
+    first_key = sent[0].keyring
+
+    # The server no longer knows the key (it restarted): NOTAUTH, then a new context.
+    async def refuse(msg: dns.message.Message, server: tuple[str, int]) -> None:
+        raise UpdateFailed("NOTAUTH", "TSIG error BADKEY")
+
+    pub.send = refuse
+    pub.published = None
+    with pytest.raises(UpdateFailed):
+        await pub.publish()
+    pub.send = send
+    await pub.publish()
+    assert server.tkeys == 2
+    assert sent[-1].keyring.name != first_key.name  # type: ignore[union-attr]
 
 
 def make_keytab(path: Path, *principals: str) -> Path:
@@ -306,3 +323,16 @@ def test_keytab_check_reads_the_file_and_finds_the_principal(tmp_path: Path) -> 
     (tmp_path / "junk.keytab").write_bytes(b"not a keytab")
     with pytest.raises(ValueError, match=r"junk\.keytab"):
         gss.check_keytab(tmp_path / "junk.keytab", None)
+
+
+def test_no_ticket_in_the_credential_cache_is_named(tmp_path: Path) -> None:
+    """With the real binding: an empty credential cache fails before anything is sent."""
+    pytest.importorskip("gssapi")
+    creds = GssCredentials("KMS1$@LAB.TEST", ccache=f"FILE:{tmp_path / 'none'}")
+    sign = GssSigner(creds)
+    server = FakeServer()
+    with pytest.raises(GssError) as failed:
+        asyncio.run(sign.signing_key(SERVER, "DNS@dc1.lab.test", server.exchange))
+    assert failed.value.reason == "no ticket"
+    assert "No credentials cache found" in failed.value.detail
+    assert server.tkeys == 0
