@@ -110,8 +110,8 @@ def _credentials(gssapi: Any, creds: GssCredentials) -> Any:
     store: dict[str, str] = {}
     if creds.keytab is not None:
         store["client_keytab"] = str(creds.keytab)
-        # Tickets got from the keytab stay in this process (renewed from the keytab).
-        store["ccache"] = creds.ccache or f"MEMORY:kmsd-{secrets.token_hex(4)}"
+        # Tickets got from the keytab stay in this process, renewed from the keytab.
+        store["ccache"] = creds.ccache or f"MEMORY:kmsd:{creds.principal}:{creds.keytab}"
     elif creds.ccache is not None:
         store["ccache"] = creds.ccache
     name = None

@@ -34,7 +34,7 @@ import structlog
 
 from ..addresses import join_host_port
 from ..protocol.constants import DNS_PORT, SRV_SERVICE
-from .gss import GssCredentials, GssError, GssSigner, SambaVariant
+from .gss import Exchange, GssCredentials, GssError, GssSigner, SambaVariant
 from .keyfile import read_key
 
 log = structlog.get_logger("kmsd")
@@ -282,7 +282,6 @@ async def current_srv(name: dns.name.Name, server: tuple[str, int]) -> list[dns.
 
 
 Sender = Callable[[dns.message.Message, tuple[str, int]], Awaitable[None]]
-Exchange = Callable[[dns.message.Message, tuple[str, int]], Awaitable[bytes]]
 Reader = Callable[[dns.name.Name, tuple[str, int]], Awaitable[list[dns.rdtypes.IN.SRV.SRV]]]
 
 
