@@ -4,6 +4,10 @@ nameservers alike."""
 from __future__ import annotations
 
 import ipaddress
+import re
+
+_LABEL = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
+_HOST_NAME = re.compile(rf"{_LABEL}(\.{_LABEL})*\.?")
 
 
 def split_host_port(text: str, default_port: int, *, min_port: int = 1) -> tuple[str, int]:
@@ -26,6 +30,8 @@ def parse_bind_address(text: str, default_port: int) -> tuple[str, int]:
     """A local address to listen on: HOST:PORT, [IPv6]:PORT, HOST alone (`default_port`) or
     :PORT (every IPv4 address); port 0 lets the system choose."""
     host, port = split_host_port(text, default_port, min_port=0)
+    if host and not is_ip(host) and not _HOST_NAME.fullmatch(host):
+        raise ValueError(f"{text!r}: {host!r} is neither an IP address nor a host name")
     return host or "0.0.0.0", port
 
 

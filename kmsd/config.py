@@ -816,6 +816,7 @@ def build(effective: Effective) -> Settings:
             history=v("history_days") or None,
             synchronous=v("synchronous"),
             capacity=v("capacity"),
+            create_directory=v("db") == str(default_path()),
         ),
         dns=_publish_settings(effective),
         logging=log_settings(effective),
@@ -943,7 +944,7 @@ def add_options(parser: argparse.ArgumentParser, names: Collection[str] | None =
         else:
             shown = None if default is None or option.flag else option.show(default)
         help_text = option.help + (f" (default: {shown})" if shown else "")
-        help_text += f" [{option.env}]"
+        help_text += f" [{option.env}{', comma-separated' if option.repeat else ''}]"
         if option.flag:
             groups[option.section].add_argument(
                 option.cli,
@@ -1029,7 +1030,8 @@ def read_environment(environ: Mapping[str, str]) -> dict[str, Any]:
         try:
             values[option.name] = _from_text(option, text)
         except ValueError as exc:
-            problems.append(f"environment {name}: {exc}")
+            hint = " (a list is comma-separated here)" if option.repeat else ""
+            problems.append(f"environment {name}: {exc}{hint}")
     if problems:
         raise ConfigError("\n".join(problems))
     return values

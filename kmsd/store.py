@@ -119,6 +119,7 @@ class StoreSettings:
     synchronous: str  # "normal": a commit is in the write-ahead log (safe from any crash of
     # the process); "full": the log is also flushed to disk (safe from power loss)
     capacity: int | None  # lab override: a fixed table size
+    create_directory: bool  # make the database's directory (kmsd's own state directory)
 
 
 def connect(path: str, *, create: bool, synchronous: str = "full") -> sqlite3.Connection:
@@ -259,7 +260,14 @@ class SqliteStore:
         self._latest = 0.0  # the latest time counted (the host's clock, maybe virtual)
         self._next_prune = 0.0
         if path != MEMORY:
-            Path(path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            directory = Path(path).parent
+            if settings.create_directory:
+                directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            elif not directory.is_dir():
+                raise StoreError(
+                    f"{path}: no such directory {directory} (kmsd creates only "
+                    "its own state directory)"
+                )
         self._lock = None if path == MEMORY else lock_file(path)
         if path != MEMORY and self._lock is None:
             raise StoreError(f"{path}: another kmsd is serving from this database")

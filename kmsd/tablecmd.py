@@ -17,12 +17,11 @@ from dataclasses import asdict
 from typing import Any, TextIO
 from uuid import UUID
 
-from .cache import RECORD_LIFETIME
-from .config import default_path
 from .store import (
     FORGET,
     RESET,
     StoreError,
+    StoreSettings,
     app_name,
     change,
     connect,
@@ -67,58 +66,54 @@ def confirm(question: str, assume_yes: bool) -> bool:
     return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
 
 
-def build_parser() -> argparse.ArgumentParser:
+HELP = {
+    "clients": "list the client table: each client's ID, workstation, product, last request "
+    "and expiry, and whether it counts",
+    "stats": "count, capacity and thresholds reached per application",
+    FORGET: "take one client out of the table (its last request stays in the history)",
+    RESET: "empty the table (of one application) and its capacity",
+}
+
+
+def build_parser(
+    command: str, parents: Sequence[argparse.ArgumentParser] = ()
+) -> argparse.ArgumentParser:
+    """The command line of one table command; `parents`: the kmsd options it takes (the
+    database and the record lifetime, read as the daemon reads them)."""
     p = argparse.ArgumentParser(
-        prog="kmsd",
-        description="Look at and manage kmsd's client table (safe while the daemon runs).",
+        prog=f"kmsd {command}",
+        description=f"{HELP[command][0].upper()}{HELP[command][1:]}. Safe while kmsd runs: "
+        "reads see every acknowledged activation, and changes go through the daemon.",
+        parents=parents,
     )
-    sub = p.add_subparsers(dest="command", required=True)
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--db",
-        metavar="PATH",
-        default=str(default_path()),
-        help="the database (default: %(default)s)",
-    )
-    common.add_argument(
-        "--record-lifetime",
-        metavar="DAYS",
-        type=float,
-        default=RECORD_LIFETIME / 86400,
-        help="record lifetime the daemon uses (default: %(default)g)",
-    )
-    clients = sub.add_parser("clients", parents=[common], help="list the client table")
-    clients.add_argument("--app", help="only this application (name or GUID)")
-    clients.add_argument("--json", action="store_true", help="JSON instead of a table")
-    stats = sub.add_parser("stats", parents=[common], help="count and capacity per application")
-    stats.add_argument("--json", action="store_true", help="JSON instead of a table")
-    forget = sub.add_parser("forget", parents=[common], help="remove one client from the table")
-    forget.add_argument("client", metavar="CLIENT_ID", help="client machine ID (GUID)")
-    forget.add_argument("--yes", action="store_true", help="do not ask for confirmation")
-    reset = sub.add_parser(
-        "reset", parents=[common], help="empty the table (of one application) and its capacity"
-    )
-    reset.add_argument("--app", help="only this application (name or GUID)")
-    reset.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    if command in ("clients", RESET):
+        p.add_argument("--app", metavar="NAME", help="only this application (name or GUID)")
+    if command in ("clients", "stats"):
+        p.add_argument("--json", action="store_true", help="JSON instead of a table")
+    if command == FORGET:
+        p.add_argument("client", metavar="CLIENT_ID", help="client machine ID (GUID)")
+    if command in (FORGET, RESET):
+        p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     return p
 
 
-def main(argv: Sequence[str], out: TextIO = sys.stdout) -> int:
-    args = build_parser().parse_args(argv)
-    lifetime = args.record_lifetime * 86400
+def run(
+    command: str, args: argparse.Namespace, table: StoreSettings, out: TextIO = sys.stdout
+) -> int:
+    """Run a table command on the database of `table`; the exit status."""
     try:
-        return _run(args, lifetime, out)
+        return _run(command, args, table, out)
     except StoreError as exc:
-        print(f"kmsd {args.command}: {exc}", file=sys.stderr)
+        print(f"kmsd {command}: {exc}", file=sys.stderr)
         return 1
 
 
-def _run(args: argparse.Namespace, lifetime: float, out: TextIO) -> int:
-    now = time.time()
-    if args.command in ("clients", "stats"):
-        db = connect(args.db, create=False)
+def _run(command: str, args: argparse.Namespace, table: StoreSettings, out: TextIO) -> int:
+    now, lifetime = time.time(), table.lifetime
+    if command in ("clients", "stats"):
+        db = connect(table.path, create=False)
         try:
-            if args.command == "clients":
+            if command == "clients":
                 app = resolve_app(args.app) if args.app else None
                 clients = read_clients(db, now, lifetime, app)
                 header = [
@@ -162,20 +157,20 @@ def _run(args: argparse.Namespace, lifetime: float, out: TextIO) -> int:
         finally:
             db.close()
         return 0
-    if args.command == "forget":
+    if command == FORGET:
         try:
             client = str(UUID(args.client))
         except ValueError:
             raise StoreError(f"{args.client!r} is not a client machine ID (GUID)") from None
         if not confirm(f"Forget client {client}?", args.yes):
             return 1
-        removed = change(args.db, FORGET, client)
+        removed = change(table.path, FORGET, client)
         print(f"forgot {client}: {removed} record(s) removed", file=out)
         return 0
     app = resolve_app(args.app) if args.app else ""
     what = app_name(app) if app else "every application"
     if not confirm(f"Reset the client table of {what}?", args.yes):
         return 1
-    removed = change(args.db, RESET, app)
+    removed = change(table.path, RESET, app)
     print(f"reset {what}: {removed} record(s) removed", file=out)
     return 0

@@ -117,7 +117,14 @@ def run_kmsd(
     )
 
 
-def start_kmsd(*args: str, listen: str = f"{LOOPBACK}:0", db: str = ":memory:") -> KmsdProcess:
+def start_kmsd(
+    *args: str,
+    listen: str = f"{LOOPBACK}:0",
+    db: str | None = ":memory:",
+    env: dict[str, str] | None = None,
+) -> KmsdProcess:
+    """kmsd as a subprocess; db=None: no --db (the environment or a file names it); `env`:
+    variables added to this process's environment."""
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -127,12 +134,11 @@ def start_kmsd(*args: str, listen: str = f"{LOOPBACK}:0", db: str = ":memory:") 
             listen,
             "--log-format",
             "json",
-            "--db",
-            db,
+            *(("--db", db) if db is not None else ()),
             *args,
         ],
         stderr=subprocess.PIPE,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
     )
     kmsd = KmsdProcess(proc, LOOPBACK, 0)
     address = str(kmsd.read_log_until("listening")["address"])

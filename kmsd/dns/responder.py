@@ -14,7 +14,6 @@ import errno
 import ipaddress
 import signal
 import struct
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -260,12 +259,14 @@ class Responder:
         self._tcp.clear()
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(parents: Sequence[argparse.ArgumentParser] = ()) -> argparse.ArgumentParser:
+    """`kmsd dns-serve`'s command line; `parents`: the kmsd options it takes (logging)."""
     p = argparse.ArgumentParser(
         prog="kmsd dns-serve",
         description="An authoritative DNS responder for one zone that advertises KMS hosts "
         "(_vlmcs._tcp SRV records and the hosts' A/AAAA), over UDP and TCP, for labs "
         "without a DNS server.",
+        parents=parents,
     )
 
     def listen(text: str) -> tuple[str, int]:
@@ -275,25 +276,31 @@ def build_parser() -> argparse.ArgumentParser:
             raise argparse.ArgumentTypeError(str(exc)) from None
         return host, port
 
-    p.add_argument("zone", help="the zone to answer for, e.g. lab.test")
+    p.add_argument("zone", metavar="ZONE", help="the zone to answer for, e.g. lab.test")
     p.add_argument(
         "--kms",
         action="append",
         required=True,
         metavar="IP[:PORT][,priority=N][,weight=N][,name=LABEL]",
-        help="a KMS host to advertise (repeatable); its name defaults to kmsN.<zone>; the "
-        "same name given twice gets both addresses",
+        help="a KMS host to advertise (repeatable): its address and port (default 1688), "
+        "its SRV priority and weight (default 0) and its name in the zone (default kmsN); "
+        "the same name given twice gets both addresses",
     )
     p.add_argument(
         "--listen",
         type=listen,
         action="append",
         metavar="IP[:PORT]",
-        help="address to answer on, UDP and TCP (repeatable; default: 0.0.0.0:53)",
+        help="address to answer on, UDP and TCP (repeatable; default: 0.0.0.0:53; port 0: "
+        "one the system chooses, shown in the log)",
     )
-    p.add_argument("--ttl", type=int, default=300, help="TTL of every record (default: 300)")
-    p.add_argument("--log-format", choices=("console", "json"), default="console")
-    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    p.add_argument(
+        "--ttl",
+        type=int,
+        default=300,
+        metavar="SECONDS",
+        help="TTL of every record (default: %(default)s)",
+    )
     return p
 
 
@@ -313,14 +320,15 @@ async def _serve(zone: Zone, listen: Sequence[tuple[str, int]]) -> None:
     log.info("stopped")
 
 
-def main(argv: Sequence[str]) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def run(
+    args: argparse.Namespace, parser: argparse.ArgumentParser, log_format: str, level: str
+) -> int:
+    """Serve what `args` (of build_parser) says until SIGTERM; the exit status."""
     try:
         hosts = merge([parse_kms(text, i) for i, text in enumerate(args.kms, 1)])
     except ValueError as exc:
         parser.error(f"--kms: {exc}")
-    logs.configure(args.log_format, args.log_level)
+    logs.configure(log_format, level)
     zone = Zone(args.zone, hosts, args.ttl)
     try:
         asyncio.run(_serve(zone, args.listen or [("0.0.0.0", DNS_PORT)]))
@@ -328,7 +336,3 @@ def main(argv: Sequence[str]) -> int:
         log.error("cannot start", error=str(exc))
         return 1
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
