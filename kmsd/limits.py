@@ -98,10 +98,11 @@ class Admission(Generic[C]):
         self.release(address, victim)
         return victim
 
-    def requested(self, address: str, conn: C, now: float) -> bool:
+    def requested(self, key: str, conn: C, now: float) -> bool:
         """`conn` sent a request: it is now the last of its address to give way. Spends one
-        request of the address's rate; False when it is over the limit."""
-        source = self._sources.get(source_of(address))
+        request of the address's rate; False when it is over the limit. `key`: the
+        source_of() its address (worked out once per connection)."""
+        source = self._sources.get(key)
         if source is None:
             return True
         if source.unserved.pop(conn, False) is None or source.served.pop(conn, False) is None:
@@ -116,19 +117,19 @@ class Admission(Generic[C]):
         source.tokens -= 1.0
         return True
 
-    def release(self, address: str, conn: C) -> bool:
-        """Forget a closed connection; False when it was not registered (or already gone)."""
-        address = source_of(address)
-        source = self._sources.get(address)
+    def release(self, key: str, conn: C) -> bool:
+        """Forget a closed connection (`key`: the source_of() its address); False when it
+        was not registered (or already gone)."""
+        source = self._sources.get(key)
         if source is None:
             return False
         if source.unserved.pop(conn, False) is False and source.served.pop(conn, False) is False:
             return False
         self._total -= 1
         source.connections -= 1
-        self._counted(address, source.connections + 1, source.connections)
+        self._counted(key, source.connections + 1, source.connections)
         if not source.connections:
-            del self._sources[address]
+            del self._sources[key]
         return True
 
     def _counted(self, address: str, before: int, after: int) -> None:

@@ -17,7 +17,7 @@ import structlog
 from .addresses import is_ip, join_host_port
 from .commit import Commit
 from .host import KmsHost
-from .limits import Admission, Network
+from .limits import Admission, Network, source_of
 from .metrics import Metrics
 from .protocol.connection import (
     AssociationGroups,
@@ -200,6 +200,7 @@ class _KmsProtocol(asyncio.Protocol):
         self.conn: ServerConnection | None = None
         self.peer = "?"
         self.address = "?"
+        self.source = "?"  # whose share of the connections it counts against
         self.last_seen = 0.0
         self.partial_since: float | None = None  # when the PDU still arriving began
         self.timer: asyncio.TimerHandle | None = None
@@ -215,6 +216,7 @@ class _KmsProtocol(asyncio.Protocol):
         self.address = peer[0] if peer else "?"
         self.peer = join_host_port(peer[0], peer[1]) if peer else "?"
         loop = asyncio.get_running_loop()
+        self.source = source_of(self.address)
         refused, victim = server.admission.admit(self.address, self, loop.time())
         if victim is not None:
             victim.evict()
@@ -267,7 +269,7 @@ class _KmsProtocol(asyncio.Protocol):
         now = self.last_seen = asyncio.get_running_loop().time()
         for event in conn.feed(data):
             if isinstance(event, Call):
-                if not self.server.admission.requested(self.address, self, now):
+                if not self.server.admission.requested(self.source, self, now):
                     log.warning("request refused", client=self.peer, reason="rate limit")
                     self.server.metrics.error("fault", "SERVER_TOO_BUSY")
                     self._send(event.fault(FaultStatus.SERVER_TOO_BUSY), None)
@@ -412,6 +414,6 @@ class _KmsProtocol(asyncio.Protocol):
             self.timer.cancel()
         if self.conn is not None:
             self.conn.close()
-            self.server.admission.release(self.address, self)
+            self.server.admission.release(self.source, self)
             self.server._closed()
             log.debug("connection closed", client=self.peer)

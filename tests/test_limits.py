@@ -81,8 +81,9 @@ def test_an_ipv6_64_counts_as_one_address() -> None:
     assert adm.admit("2001:db8::2", "b", 0.0) == (None, None)
     assert "from this address" in str(adm.admit("2001:db8::3", "c", 0.0)[0])
     assert adm.admit("2001:db8:0:1::1", "d", 0.0) == (None, None)  # another /64
-    assert [adm.requested("2001:db8::9", "a", 0.0) for _ in range(3)] == [True, True, False]
-    assert adm.release("2001:db8::1", "a") and adm.release("2001:db8::2", "b")
+    key = source_of("2001:db8::9")
+    assert [adm.requested(key, "a", 0.0) for _ in range(3)] == [True, True, False]
+    assert adm.release(key, "a") and adm.release(source_of("2001:db8::2"), "b")
     assert adm.open == 1
 
 
