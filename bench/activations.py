@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import ipaddress
 import itertools
 import json
@@ -336,10 +337,11 @@ def free_port() -> int:
 def make_target(template: str | None, labels: list[str]) -> Target:
     port = free_port()
     if template is None or template.split()[0] == "kmsd":
-        # kmsd, with its durable store in a fresh file unless the template says otherwise.
+        # kmsd in its default configuration (info log, here to a file; durable store, in a
+        # fresh file unless the template names one; uvloop when installed) plus the
+        # template's options.
         extra = shlex.split(template or "")[1:]
-        argv = [sys.executable, "-m", "kmsd", "--listen", f"127.0.0.1:{port}"]
-        argv += ["--log-level", "warning", *extra]
+        argv = [sys.executable, "-m", "kmsd", "--listen", f"127.0.0.1:{port}", *extra]
         if "--db" not in extra:
             argv += ["--db", os.path.join(SCRATCH.name, f"kmsd-{port}.db")]
         label = " ".join(["kmsd", *extra])
@@ -615,6 +617,10 @@ def print_tables(results: list[tuple[Target, list[Cell]]], meta: dict[str, Any])
         f"{meta['cpus']} CPUs; per cell at most {meta['duration']:g} s and "
         f"{meta['max_activations']} activations; every {meta['verify_every']}th reply verified"
     )
+    print(
+        "kmsd runs in its default configuration plus the options shown: info log (here to a "
+        f"file), durable store in a fresh database, event loop {meta['kmsd_loop']}"
+    )
     if meta["rounds"] > 1:
         print(f"each cell: the round with the median srv µs/act of {meta['rounds']} rounds")
     print(
@@ -815,6 +821,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "cpu_method": "proc: delta of utime+stime+cutime+cstime of /proc/PID/stat plus "
         "live descendants (ppid walk of /proc/*/stat); perf: perf stat -e task-clock -p PID",
         "cpus": os.cpu_count(),
+        "kmsd_loop": "uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
     }
     meta["rounds"] = args.rounds
     workers = Workers(workers_n, versions, pool_size)

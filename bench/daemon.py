@@ -1,5 +1,6 @@
-"""A kmsd for a benchmark: on a free loopback port, with its database in a temporary
-directory, stopped (SIGTERM) when the block ends."""
+"""A kmsd for a benchmark: on a free loopback port, with its database and (unless told
+otherwise) its log, kmsd.log, in a temporary directory, stopped (SIGTERM) when the block
+ends. kmsd runs in its default configuration (info log) unless the arguments say otherwise."""
 
 from __future__ import annotations
 
@@ -25,16 +26,18 @@ class Daemon:
 
 @contextlib.contextmanager
 def running_kmsd(*args: str, startup: float = 15.0, stderr: int | None = None) -> Iterator[Daemon]:
-    """`stderr`: where kmsd's log goes (a file descriptor; default: this process's)."""
+    """`stderr`: where kmsd's log goes (a file descriptor; default: kmsd.log beside the
+    database, as a file, the way an installed kmsd logs to the journal or a file)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as tmp:
         db = f"{tmp}/kmsd.db"
+        log = open(f"{tmp}/kmsd.log", "wb")  # noqa: SIM115 - closed below
         process = subprocess.Popen(
             [sys.executable, "-m", "kmsd", "--listen", f"127.0.0.1:{port}", "--db", db, *args],
             cwd=ROOT,
-            stderr=stderr,
+            stderr=log if stderr is None else stderr,
         )
         try:
             deadline = time.monotonic() + startup
@@ -46,3 +49,4 @@ def running_kmsd(*args: str, startup: float = 15.0, stderr: int | None = None) -
         finally:
             process.terminate()
             process.wait(timeout=30)
+            log.close()

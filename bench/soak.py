@@ -110,7 +110,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=1)
     args = p.parse_args()
     args.duration = min(args.duration, 4 * 3600)
-    with running_kmsd("--log-level", "warning") as kmsd:
+    with running_kmsd() as kmsd:  # the default configuration
         reported = asyncio.run(soak(kmsd.port, kmsd.process.pid, args))
         stats = json.loads(
             subprocess.run(
