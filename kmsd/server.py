@@ -10,10 +10,11 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, cast
+from typing import Protocol, cast
 
 import structlog
 
+from . import logs
 from .addresses import is_ip, join_host_port
 from .commit import Commit
 from .host import KmsHost
@@ -30,6 +31,21 @@ from .protocol.connection import (
 from .protocol.errors import FaultStatus, KmsError
 
 log = structlog.get_logger("kmsd")
+_activation = logs.Event(
+    log,
+    "activation",
+    (
+        "client",
+        "cmid",
+        "workstation",
+        "application",
+        "product",
+        "protocol",
+        "ndr",
+        "count",
+        "required",
+    ),
+)
 
 BACKLOG = 1024  # connections the kernel queues before kmsd accepts them
 DRAIN_SECONDS = 5.0  # how long a stop waits for replies still being committed
@@ -359,26 +375,27 @@ class _KmsProtocol(asyncio.Protocol):
         request = activation.request
         protocol = f"{request.major}.{request.minor}"
         if log.is_enabled_for(logging.INFO):  # not even the fields when nobody reads them
-            fields: dict[str, Any] = {
-                "client": self.peer,
-                "cmid": str(request.client_machine_id),
-                "workstation": request.workstation,
-                "application": activation.application,
-                "product": activation.product,
-                "protocol": protocol,
-                "ndr": "NDR64" if call.ndr64 else "NDR32",
-                "count": activation.count,
-                "required": request.required_count,
-            }
+            more: dict[str, str | int] = {}
             if not activation.known:
-                fields["kms_id"] = f"unknown {request.kms_id}"
+                more["kms_id"] = f"unknown {request.kms_id}"
             if activation.count < request.required_count:
-                fields["below_threshold"] = (
+                more["below_threshold"] = (
                     f"count {activation.count} of {request.required_count}: not activated "
                     f"yet; a small lab can start kmsd with --precharge "
                     f"{request.required_count - 1}"
                 )
-            log.info("activation", **fields)
+            _activation(
+                self.peer,
+                str(request.client_machine_id),
+                request.workstation,
+                activation.application,
+                activation.product,
+                protocol,
+                "NDR64" if call.ndr64 else "NDR32",
+                activation.count,
+                request.required_count,
+                **more,
+            )
         self.server.metrics.activation(
             activation.application,
             activation.product,

@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import datetime as dt
+import io
+import json
+import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
+import pytest
 import structlog
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kmsd import logs
 from kmsd.logs import plain_console, timestamp
 
 # Text rich in the characters that decide between a bare value and its repr.
@@ -69,3 +76,130 @@ def test_daemon_lines_on_a_pipe_are_plain_console_lines() -> None:
     assert "\x1b[" not in line
     expected = "[info     ] activation                     count=3 product='Windows 11 Pro'"
     assert line.endswith(expected)
+
+
+# The fast renderer of hot events (logs.info, logs.Event) against structlog's own chain.
+
+ACTIVATION_KEYS = (
+    "client",
+    "cmid",
+    "workstation",
+    "application",
+    "product",
+    "protocol",
+    "ndr",
+    "count",
+    "required",
+)
+ACTIVATION = (
+    "127.0.0.1:50123",
+    "0d7c3f6e-3a51-4a9a-9b8c-0a1b2c3d4e5f",
+    "pc-01.lab.test",
+    "Windows",
+    "Windows 10/11 Enterprise",
+    "6.0",
+    "NDR64",
+    3,
+    25,
+)
+HOSTILE = "pc\x1b[1A\x1b[2K\x9b31m\u202egpj.exe\u2066x\x7f\u2028y"
+FIXED_CASES = [
+    ("activation", dict(zip(ACTIVATION_KEYS, ACTIVATION, strict=True))),
+    (
+        "activation",
+        {
+            **dict(zip(ACTIVATION_KEYS, ACTIVATION, strict=True)),
+            "workstation": HOSTILE,
+            "kms_id": "unknown 8a4b2f0e-0000-0000-0000-000000000000",
+            "below_threshold": "count 3 of 25: not activated yet; a small lab can start ...",
+        },
+    ),
+    ("activation", {"workstation": "Ünïcødé 'quoted' \"x\" %s {0} a=b\ttab", "count": -1}),
+    ("listening", {"address": "[::1]:1688", "inherited": 0}),
+    ("no fields at all  ", {}),
+    ("%s {} \x1b odd event", {"z": "%d", "a": "{t}"}),
+]
+
+
+def _lines(fmt: str, emit: Callable[[Any], None], monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """What `emit(logger)` writes with kmsd's logging configured as `fmt` (not a terminal)
+    at a fixed time."""
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", out)
+    monkeypatch.setattr(logs, "_time", lambda: 1_764_640_000.123456)
+    logs.configure(fmt, "info")
+    emit(structlog.get_logger("test"))
+    return out.getvalue().splitlines()
+
+
+def _assert_fast_is_structlog(
+    fmt: str, event: str, fields: dict[str, str | int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reference = _lines(fmt, lambda log: log.info(event, **fields), monkeypatch)
+    fast = _lines(fmt, lambda log: logs.info(log, event, fields), monkeypatch)
+    bound = logs.Event(None, event, tuple(fields))
+    prebound = _lines(fmt, lambda log: bound(*fields.values()), monkeypatch)
+    assert fast == reference and prebound == reference and len(reference) == 1
+
+
+@pytest.mark.parametrize("fmt", ["console", "json"])
+@pytest.mark.parametrize(("event", "fields"), FIXED_CASES)
+def test_fast_lines_are_byte_for_byte_structlog_lines(
+    fmt: str, event: str, fields: dict[str, str | int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _assert_fast_is_structlog(fmt, event, fields, monkeypatch)
+
+
+def test_hostile_workstation_is_inert_in_the_console_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    bound = logs.Event(None, "activation", ACTIVATION_KEYS)
+    values = (*ACTIVATION[:2], HOSTILE, *ACTIVATION[3:])
+    (line,) = _lines("console", lambda log: bound(*values), monkeypatch)
+    assert "workstation=pc\\x1b[1A\\x1b[2K\\x9b31m\\u202egpj.exe\\u2066x\\x7f\\u2028y" in line
+    assert line.isprintable()
+    (line,) = _lines("json", lambda log: bound(*values), monkeypatch)
+    assert json.loads(line)["workstation"] == HOSTILE  # JSON keeps it exact
+
+
+def test_extra_keys_of_a_bound_event_keep_their_place(monkeypatch: pytest.MonkeyPatch) -> None:
+    bound = logs.Event(None, "activation", ACTIVATION_KEYS)
+    (line,) = _lines("json", lambda log: bound(*ACTIVATION, kms_id="unknown x"), monkeypatch)
+    assert list(json.loads(line)) == [*ACTIVATION_KEYS, "kms_id", "event", "level", "timestamp"]
+
+
+def test_below_the_level_nothing_is_written(monkeypatch: pytest.MonkeyPatch) -> None:
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", out)
+    logs.configure("console", "warning")
+    logs.Event(None, "activation", ACTIVATION_KEYS)(*ACTIVATION)
+    logs.info(None, "activation", {"count": 1})
+    assert out.getvalue() == ""
+    logs.configure("console", "info")
+
+
+flat_keys = st.text("abcdefghijklmnopqrstuvwxyz_%{}", min_size=1, max_size=10).filter(
+    lambda k: k not in ("timestamp", "level", "event")
+)
+flat_values = st.one_of(texts, st.integers(), st.sampled_from([HOSTILE, "a b", "%s", "{0}"]))
+
+
+@settings(max_examples=300, derandomize=True)
+@given(
+    fmt=st.sampled_from(["console", "json"]),
+    event=texts,
+    fields=st.dictionaries(flat_keys, flat_values, max_size=8),
+)
+def test_fast_lines_match_structlog_for_any_flat_event(
+    fmt: str, event: str, fields: dict[str, str | int]
+) -> None:
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        _assert_fast_is_structlog(fmt, event, fields, monkeypatch)
+
+
+def test_line_writer_writes_whole_lines_to_a_descriptor() -> None:
+    read, write = os.pipe()
+    with os.fdopen(write, "w") as file:
+        writer = logs.LineWriter(file)
+        writer.msg("first ü")
+        writer.info("second")
+    with os.fdopen(read, "rb") as pipe:
+        assert pipe.read() == "first ü\nsecond\n".encode()
