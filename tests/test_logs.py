@@ -182,7 +182,7 @@ flat_keys = st.text("abcdefghijklmnopqrstuvwxyz_%{}", min_size=1, max_size=10).f
 flat_values = st.one_of(texts, st.integers(), st.sampled_from([HOSTILE, "a b", "%s", "{0}"]))
 
 
-@settings(max_examples=300, derandomize=True)
+@settings(max_examples=300, derandomize=True, deadline=None)
 @given(
     fmt=st.sampled_from(["console", "json"]),
     event=texts,
