@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import hmac
 import os
 import struct
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 K4 = bytes.fromhex("053d8307f9e5f088eb5ea6686cf037c7e4efd2d6")
 K5 = bytes.fromhex("cd7e796f2ab25dcb55ffc8ef8364c470")
@@ -456,18 +455,43 @@ def pkcs7_unpad(data: bytes) -> bytes | None:
     return data[:-n]
 
 
+def _slot(request_time: int) -> int:
+    # The slot changes every ~4.1 h of client time, so nearly every request hits the caches.
+    return ((request_time // C1) * C2 + C3) & 0xFFFFFFFFFFFFFFFF
+
+
 def v6_hmac_key(request_time: int) -> bytes:
-    return _slot_key(((request_time // C1) * C2 + C3) & 0xFFFFFFFFFFFFFFFF)
+    return _slot_key(_slot(request_time))
 
 
 @functools.lru_cache(maxsize=16)
 def _slot_key(slot: int) -> bytes:
-    # The slot changes every ~4.1 h of client time, so nearly every request hits the cache.
     return hashlib.sha256(slot.to_bytes(8, "little")).digest()[16:]
 
 
+@functools.lru_cache(maxsize=16)
+def _keyed_sha256(slot: int) -> tuple[Any, Any]:
+    """HMAC-SHA256 (RFC 2104) under the slot's key, keyed once: the SHA-256 states after
+    the inner and the outer padded key, copied for each message. hmac.digest would
+    look the digest up and absorb both pads again for every request."""
+    block = _slot_key(slot).ljust(_SHA256_BLOCK, b"\x00")
+    inner = hashlib.sha256(bytes(b ^ 0x36 for b in block))
+    outer = hashlib.sha256(bytes(b ^ 0x5C for b in block))
+    return inner, outer
+
+
+_SHA256_BLOCK = 64
+
+
 def v6_mac(request_time: int, data: bytes) -> bytes:
-    return hmac.digest(v6_hmac_key(request_time), data, "sha256")[16:]
+    """The V6 HMAC: the last 16 bytes of HMAC-SHA256(v6_hmac_key(request_time), data)."""
+    inner, outer = _keyed_sha256(_slot(request_time))
+    inner = inner.copy()
+    inner.update(data)
+    outer = outer.copy()
+    outer.update(inner.digest())
+    mac: bytes = outer.digest()[16:]
+    return mac
 
 
 def sha256(data: bytes) -> bytes:
