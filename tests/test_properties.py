@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kmsclient.session import BindOptions, KmsConnection, RpcClient, base_request
-from kmsd.protocol import ndr
+from kmsd.protocol import kms, ndr
 from kmsd.protocol.connection import (
     AssociationGroups,
     BindAnswers,
@@ -746,3 +746,40 @@ def test_server_survives_garbage(garbage: list[bytes], major: int) -> None:
     assert caught == [], caught
     bad = [e for e in logs if e.get("log_level") in ("error", "critical") or "exc_info" in e]
     assert bad == [], bad
+
+
+def _utf16z_by_code_units(raw: bytes) -> str:
+    """The workstation field read code unit by code unit, up to the first NUL unit."""
+    units = [raw[i : i + 2] for i in range(0, len(raw) - 1, 2)]
+    end = units.index(b"\x00\x00") if b"\x00\x00" in units else len(units)
+    return b"".join(units[:end]).decode("utf-16-le", errors="replace")
+
+
+@settings(max_examples=500, derandomize=True, deadline=None)
+@given(
+    raw=st.one_of(
+        st.binary(min_size=128, max_size=128),
+        st.builds(
+            lambda text, tail: (text.encode("utf-16-le", "surrogatepass") + b"\x00\x00" + tail)[
+                :128
+            ].ljust(128, b"\x00"),
+            st.text(max_size=70),
+            st.binary(max_size=128),
+        ),
+    )
+)
+def test_workstation_decodes_up_to_the_first_nul_code_unit(raw: bytes) -> None:
+    assert kms._utf16z_decode(raw) == _utf16z_by_code_units(raw)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"a\x00\x00b\x00" + bytes(123),  # "a" then NUL: the odd NUL pair is not a unit
+        "pc\U0001f600".encode("utf-16-le") + b"\x00\x00" + b"\xff" * 118,
+        b"\x00\xd8\x00\x00" + b"\x41\x00" * 62,  # a lone high surrogate before the NUL
+        b"\x41\x00" * 64,  # no NUL at all
+    ],
+)
+def test_workstation_fixed_cases(raw: bytes) -> None:
+    assert kms._utf16z_decode(raw) == _utf16z_by_code_units(raw)

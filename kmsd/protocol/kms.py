@@ -62,17 +62,10 @@ def _product_guid(raw: bytes) -> UUID:
 
 
 def _utf16z_decode(raw: bytes) -> str:
-    """Decode UTF-16LE up to the first NUL code unit (bytes after it may be garbage)."""
-    end = 0
-    while True:
-        end = raw.find(b"\x00\x00", end)
-        if end < 0:
-            end = len(raw) & ~1
-            break
-        if end % 2 == 0:
-            break
-        end += 1
-    return raw[:end].decode("utf-16-le", errors="replace")
+    """Decode UTF-16LE up to the first NUL code unit (bytes after it may be garbage:
+    decoding them cannot change what comes before, as `replace` never raises and a
+    NUL code unit never completes a surrogate pair)."""
+    return raw[: len(raw) & ~1].decode("utf-16-le", errors="replace").partition("\x00")[0]
 
 
 @dataclass(slots=True)  # made per request; not frozen, whose __init__ costs 3x
