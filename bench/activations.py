@@ -61,9 +61,9 @@ from typing import Any, TextIO
 
 from kmsclient.activation import CallOptions
 from kmsclient.load import LoadSpec, run_load
-from kmsclient.session import PreparedRequest, base_request, prepare
 from kmsclient.target import Target as Host
 from kmsd.eventloop import run_on_loop
+from kmsd.protocol.client import PreparedRequest, base_request, prepare
 from kmsd.protocol.kms import BaseRequest
 from kmsd.protocol.products import products
 

@@ -42,8 +42,8 @@ sys.path.insert(0, str(ROOT))
 from bench.daemon import running_kmsd  # noqa: E402
 from kmsclient.activation import CallOptions, activate  # noqa: E402
 from kmsclient.load import LoadReport, LoadSpec, run_load  # noqa: E402
-from kmsclient.session import base_request, prepare  # noqa: E402
 from kmsclient.target import Target  # noqa: E402
+from kmsd.protocol.client import base_request, prepare  # noqa: E402
 from kmsd.protocol.kms import BaseRequest  # noqa: E402
 from kmsd.protocol.products import products  # noqa: E402
 

@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.daemon import running_kmsd  # noqa: E402
-from kmsclient.session import KmsConnection, base_request  # noqa: E402
+from kmsclient.session import KmsConnection  # noqa: E402
+from kmsd.protocol.client import base_request  # noqa: E402
 from kmsd.protocol.products import products  # noqa: E402
 
 DB = products()

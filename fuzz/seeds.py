@@ -12,8 +12,8 @@ from pathlib import Path
 
 import dnslib
 
-from kmsclient.session import base_request
 from kmsd.protocol import ndr
+from kmsd.protocol.client import base_request
 from kmsd.protocol.kms import encode_request
 from kmsd.protocol.products import products
 

@@ -6,10 +6,12 @@ import asyncio
 import time
 from dataclasses import dataclass
 
+from kmsd.protocol.checks import Verified, verify_reply
+from kmsd.protocol.client import BindOptions, PreparedRequest
+
 from .outcome import Failure, Status, classify
-from .session import BindOptions, KmsConnection, PreparedRequest
+from .session import KmsConnection
 from .target import Target
-from .verify import Verified, verify_reply
 
 
 @dataclass(frozen=True)

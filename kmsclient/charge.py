@@ -6,11 +6,11 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from kmsd.protocol.client import prepare
 from kmsd.protocol.kms import BaseRequest
 
 from .activation import DEFAULT_OPTIONS, Activator, CallOptions, Result
 from .outcome import Status
-from .session import prepare
 from .target import Target
 
 MakeRequest = Callable[[uuid.UUID], BaseRequest]

@@ -17,6 +17,7 @@ from kmsd import __version__
 from kmsd.eventloop import CHOICES as LOOPS
 from kmsd.eventloop import run_on_loop, uvloop_installed
 from kmsd.pipe import quiet_on_broken_pipe
+from kmsd.protocol.client import NIL_UUID, BindOptions, base_request, prepare
 from kmsd.protocol.kms import BaseRequest
 from kmsd.protocol.products import Sku, products
 from kmsd.text import inert
@@ -34,7 +35,6 @@ from .load import (
     run_load,
 )
 from .outcome import Status
-from .session import NIL_UUID, BindOptions, base_request, prepare
 from .sim import simulate
 from .target import Target, loopback_only, parse_target
 

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from kmsd.protocol.client import BindOptions
 from kmsd.protocol.constants import SRV_SERVICE
 
 from . import report
@@ -30,7 +31,7 @@ from .discovery import (
     system_config,
 )
 from .outcome import Status, classify
-from .session import BindOptions, KmsConnection
+from .session import KmsConnection
 from .target import Target
 
 

@@ -18,13 +18,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
+from kmsd.protocol.checks import verify_reply
+from kmsd.protocol.client import PreparedRequest, prepare
 from kmsd.protocol.kms import BaseRequest
 
 from .activation import DEFAULT_OPTIONS, Activator, CallOptions
 from .outcome import Status
-from .session import PreparedRequest, prepare
 from .target import Target
-from .verify import verify_reply
 
 MAX_DURATION = 3600.0  # seconds
 MAX_COUNT = 10_000_000
@@ -169,7 +169,7 @@ async def _client(
 ) -> None:
     """One of the `concurrency` clients: request after request until the tickets run out.
     Every reply is checked at the RPC level (call id, context, NDR, HRESULT); every
-    `verify_every`-th is decoded and verified in full (kmsclient.verify.verify_reply)."""
+    `verify_every`-th is decoded and verified in full (kmsd.protocol.checks.verify_reply)."""
     activator = Activator(spec.target, spec.options)
     timeout = spec.options.timeout
     new_connection = spec.new_connection

@@ -7,9 +7,8 @@ import socket
 from dataclasses import dataclass
 from enum import IntEnum
 
+from kmsd.protocol.client import HostRefused, RpcError
 from kmsd.protocol.errors import KmsError, NotGenuine
-
-from .session import HostRefused, RpcError
 
 
 class Status(IntEnum):

@@ -22,12 +22,13 @@ from pathlib import Path
 
 import pytest
 
-from kmsclient.session import HostRefused, KmsConnection, base_request
+from kmsclient.session import KmsConnection
 from kmsd import web
 from kmsd.config import defaults
 from kmsd.host import HostIdentity, HostPolicy, KmsHost
 from kmsd.limits import Admission
 from kmsd.metrics import Metrics, publisher_state
+from kmsd.protocol.client import HostRefused, base_request
 from kmsd.protocol.kms import BaseRequest
 from kmsd.protocol.products import products
 from kmsd.protocol.rpc import DREP_LE, HEADER

@@ -7,8 +7,8 @@ import struct
 
 import pytest
 
-from kmsclient.session import BindOptions, RpcClient, base_request
 from kmsd.protocol import ndr
+from kmsd.protocol.client import BindOptions, RpcClient, base_request
 from kmsd.protocol.connection import AssociationGroups, Call, Close, Event, Send, ServerConnection
 from kmsd.protocol.errors import FaultStatus
 from kmsd.protocol.kms import encode_request

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from kmsclient.session import KmsConnection, base_request
+from kmsclient.session import KmsConnection
 from kmsd.host import HostIdentity, KmsHost
+from kmsd.protocol.client import base_request
 from kmsd.protocol.products import products
 from kmsd.server import KmsServer
 from kmsd.store import SqliteStore

@@ -8,8 +8,8 @@ import uuid
 
 import pytest
 
-from kmsclient.session import base_request
 from kmsd.host import HostPolicy, KmsHost
+from kmsd.protocol.client import base_request
 from kmsd.protocol.constants import filetime, unix_time
 from kmsd.protocol.epid import parse_epid
 from kmsd.protocol.errors import HResult, KmsError

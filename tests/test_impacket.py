@@ -18,8 +18,8 @@ import pytest
 from impacket.dcerpc.v5 import rpcrt, transport
 from impacket.uuid import uuidtup_to_bin
 
-from kmsclient.session import base_request
 from kmsd.protocol import kms, ndr
+from kmsd.protocol.client import base_request
 from kmsd.protocol.kms import BaseRequest, KmsResponse
 from kmsd.protocol.products import products
 from tests.conftest import KmsdProcess

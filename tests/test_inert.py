@@ -19,8 +19,9 @@ from hypothesis import strategies as st
 from kmsclient.activation import CallOptions, activate
 from kmsclient.outcome import Status
 from kmsclient.report import to_text
-from kmsclient.session import KmsConnection, base_request, prepare
+from kmsclient.session import KmsConnection
 from kmsclient.target import Target
+from kmsd.protocol.client import base_request, prepare
 from kmsd.protocol.products import products
 from kmsd.server import KmsServer
 from kmsd.text import UNSAFE, inert

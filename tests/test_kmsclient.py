@@ -21,10 +21,10 @@ from kmsclient.activation import Activator, CallOptions, activate
 from kmsclient.charge import charge
 from kmsclient.load import LoadSpec, run_load
 from kmsclient.outcome import Status
-from kmsclient.session import BindOptions, PreparedRequest, RpcClient, base_request, prepare
 from kmsclient.target import Target, parse_target
-from kmsclient.verify import check_header, verify_reply
 from kmsd.host import HostPolicy
+from kmsd.protocol.checks import check_header, verify_reply
+from kmsd.protocol.client import BindOptions, PreparedRequest, RpcClient, base_request, prepare
 from kmsd.protocol.crypto import E5, E6, pkcs7_pad, pkcs7_unpad, v6_mac
 from kmsd.protocol.errors import NotGenuine
 from kmsd.protocol.kms import decode_request

@@ -9,9 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kmsclient.session import KmsConnection, RpcClient, base_request
+from kmsclient.session import KmsConnection
 from kmsd.limits import Admission, source_of
 from kmsd.protocol import ndr
+from kmsd.protocol.client import RpcClient, base_request
 from kmsd.protocol.errors import FaultStatus
 from kmsd.protocol.kms import encode_request
 from kmsd.protocol.products import products

@@ -19,8 +19,9 @@ import structlog.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kmsclient.session import BindOptions, KmsConnection, RpcClient, base_request
+from kmsclient.session import KmsConnection
 from kmsd.protocol import kms, ndr
+from kmsd.protocol.client import BindOptions, RpcClient, base_request
 from kmsd.protocol.connection import (
     AssociationGroups,
     BindAnswers,

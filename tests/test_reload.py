@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 import structlog
 
-from kmsclient.session import KmsConnection, base_request
+from kmsclient.session import KmsConnection
 from kmsd import config, logs
 from kmsd.cli import build_parser
 from kmsd.dns.publish import PublishSettings
+from kmsd.protocol.client import base_request
 from kmsd.protocol.kms import BaseResponse
 from kmsd.protocol.products import products
 from kmsd.reload import Reloader

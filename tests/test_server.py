@@ -7,7 +7,8 @@ import socket
 
 import pytest
 
-from kmsclient.session import BindOptions, KmsConnection, base_request
+from kmsclient.session import KmsConnection
+from kmsd.protocol.client import BindOptions, base_request
 from kmsd.protocol.products import products
 from kmsd.server import KmsServer
 from tests.conftest import (

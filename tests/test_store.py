@@ -17,11 +17,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kmsclient.session import KmsConnection, base_request
+from kmsclient.session import KmsConnection
 from kmsd import tablecmd
 from kmsd.cache import TableView
 from kmsd.commit import Commit
 from kmsd.host import HostPolicy
+from kmsd.protocol.client import base_request
 from kmsd.protocol.kms import BaseRequest, encode_request
 from kmsd.protocol.products import products
 from kmsd.store import MIGRATIONS, SCHEMA_VERSION, SqliteStore, StoreError

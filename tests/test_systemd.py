@@ -20,8 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from kmsclient.session import KmsConnection, base_request
+from kmsclient.session import KmsConnection
 from kmsd import systemd
+from kmsd.protocol.client import base_request
 from kmsd.protocol.products import products
 from tests.conftest import LOOPBACK, KmsdProcess, stop_kmsd
 

@@ -29,8 +29,9 @@ from typing import IO, NoReturn
 
 import pytest
 
-from kmsclient.session import BindOptions, KmsConnection, RpcClient, base_request
+from kmsclient.session import KmsConnection
 from kmsd.protocol import kms, ndr
+from kmsd.protocol.client import BindOptions, RpcClient, base_request
 from kmsd.protocol.errors import FaultStatus, HResult, KmsError
 from kmsd.protocol.products import products
 from kmsd.protocol.rpc import (

@@ -23,6 +23,8 @@ from typing import Protocol
 
 from kmsd.cache import MemoryCounter
 from kmsd.host import HostIdentity, HostPolicy, KmsHost
+from kmsd.protocol.checks import verify_reply
+from kmsd.protocol.client import base_request, prepare
 from kmsd.protocol.constants import filetime
 from kmsd.protocol.errors import KmsError, NotGenuine
 from kmsd.protocol.kms import BaseRequest
@@ -32,9 +34,7 @@ from ..activation import CallOptions, activate
 from ..discovery import order
 from ..licensing import DAY, HOUR, Event, Kind, LicensingClient, StaticHost
 from ..outcome import Status
-from ..session import base_request, prepare
 from ..target import Target
-from ..verify import verify_reply
 from .scenario import GroupSpec, HostSpec, Scenario
 
 LICENSE_STATUS = {"unlicensed": 2, "waiting": 2, "licensed": 1, "renewal_due": 1, "expired": 3}

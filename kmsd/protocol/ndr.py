@@ -50,6 +50,17 @@ def wrap_error(hresult: int, ndr64: bool) -> bytes:
     return bytes(16 if ndr64 else 8) + _RETURN.pack(hresult)
 
 
+def response_length(size: int, ndr64: bool) -> int:
+    """Bytes in the response stub that carries `size` bytes (wrap_response's length)."""
+    return (_NDR64_OUT if ndr64 else _NDR32_OUT).size + size + (-size % 4) + _RETURN.size
+
+
+def response_padding(stub: bytes, size: int, ndr64: bool) -> bytes:
+    """The pad bytes between a `size`-byte response and the return value in `stub`."""
+    start = (_NDR64_OUT if ndr64 else _NDR32_OUT).size + size
+    return stub[start : start + (-size % 4)]
+
+
 def unwrap_response(stub: bytes, ndr64: bool) -> tuple[bytes, int]:
     """Client side: (KMS response, return value); an error form gives (b"", HRESULT)."""
     head = _NDR64_OUT if ndr64 else _NDR32_OUT

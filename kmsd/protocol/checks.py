@@ -10,11 +10,11 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from kmsd.protocol import ndr
-from kmsd.protocol.epid import Epid, parse_epid
-from kmsd.protocol.errors import NotGenuine, StubError
-from kmsd.protocol.kms import BaseRequest, KmsResponse, decode_response
-from kmsd.protocol.rpc import (
+from . import ndr
+from .epid import Epid, parse_epid
+from .errors import NotGenuine, StubError
+from .kms import BaseRequest, KmsResponse, decode_response
+from .rpc import (
     BTFN_FEATURES,
     DREP_LE,
     HEADER_SIZE,
@@ -25,6 +25,7 @@ from kmsd.protocol.rpc import (
     WHOLE,
     BindAck,
     Flags,
+    Header,
     PType,
     Reason,
     Result,
@@ -54,9 +55,8 @@ def check_header(head: bytes) -> int:
     return h.frag_length
 
 
-def check_pdu(data: bytes, ptype: PType, call_id: int, warnings: list[str]) -> None:
-    """PTYPE, fragment flags and call_id echo of a whole received PDU."""
-    h = parse_header(data)
+def check_pdu(h: Header, ptype: PType, call_id: int, warnings: list[str]) -> None:
+    """PTYPE, fragment flags and call_id echo of a whole received PDU, by its header."""
     if h.ptype != ptype:
         raise NotGenuine("rpc_ptype", f"expected {ptype.name.lower()}, got PTYPE {h.ptype}")
     if h.flags & WHOLE != WHOLE:
@@ -123,21 +123,19 @@ def check_response_stub(
         if not status:
             raise NotGenuine("ndr_referent", "NULL response pointer with return value 0")
         return payload, status
-    size = len(payload)
-    head = 24 if ndr64 else 12
-    pad = -size % 4
-    if alloc_hint != head + size + pad + 4:
-        warnings.append(f"alloc_hint {alloc_hint}, expected {head + size + pad + 4}")
-    if any(stub[head + size : head + size + pad]):
+    length = ndr.response_length(len(payload), ndr64)
+    if alloc_hint != length:
+        warnings.append(f"alloc_hint {alloc_hint}, expected {length}")
+    if any(ndr.response_padding(stub, len(payload), ndr64)):
         warnings.append("NDR pad bytes are not zero")
-    if len(stub) > head + size + pad + 4:
-        warnings.append(f"{len(stub) - head - size - pad - 4} bytes after the return value")
+    if len(stub) > length:
+        warnings.append(f"{len(stub) - length} bytes after the return value")
     return payload, status
 
 
-def check_flags_clear(data: bytes, warnings: list[str]) -> None:
+def check_flags_clear(flags: int, warnings: list[str]) -> None:
     """alter_context_resp, response and fault must not set PFC_CONC_MPX (vlmcs warns)."""
-    if data[3] & Flags.CONC_MPX:
+    if flags & Flags.CONC_MPX:
         warnings.append("reply sets PFC_CONC_MPX")
 
 
