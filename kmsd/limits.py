@@ -7,6 +7,7 @@ import ipaddress
 import socket
 from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Generic, TypeVar
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -27,6 +28,13 @@ def source_of(address: str) -> str:
     if packed[:12] == _V4_MAPPED:
         return socket.inet_ntop(socket.AF_INET, packed[12:])
     return socket.inet_ntop(socket.AF_INET6, packed[:8] + bytes(8)) + "/64"
+
+
+class Refusal(StrEnum):
+    """Why a connection is refused; the value is the metrics label."""
+
+    NOT_ALLOWED = "not_allowed"
+    PER_ADDRESS_LIMIT = "per_address_limit"
 
 
 @dataclass(slots=True)
@@ -64,15 +72,15 @@ class Admission(Generic[C]):
     _most: int = 0  # connections of the address with the most
     _total: int = 0
 
-    def admit(self, address: str, conn: C, now: float) -> tuple[str | None, C | None]:
+    def admit(self, address: str, conn: C, now: float) -> tuple[Refusal | None, C | None]:
         """Register `conn`, new from `address`. Returns why it is refused (and None), or
         None and the connection to close to make room for it (already forgotten here)."""
         if self.allow and not self.allowed(address):
-            return "address outside the allowed networks", None
+            return Refusal.NOT_ALLOWED, None
         address = source_of(address)
         source = self._sources.get(address)
         if source is not None and source.connections >= self.max_per_ip:
-            return f"{self.max_per_ip} connections already open from this address", None
+            return Refusal.PER_ADDRESS_LIMIT, None
         victim = None
         if self._total >= self.max_connections:
             victim = self._victim(address)
@@ -85,6 +93,12 @@ class Admission(Generic[C]):
         self._counted(address, source.connections - 1, source.connections)
         self._total += 1
         return None, victim
+
+    def explain(self, refusal: Refusal) -> str:
+        """`refusal` in words, for the log."""
+        if refusal is Refusal.NOT_ALLOWED:
+            return "address outside the allowed networks"
+        return f"{self.max_per_ip} connections already open from this address"
 
     def _victim(self, newcomer: str) -> C:
         """Forget and return the connection that gives way to one from `newcomer`."""

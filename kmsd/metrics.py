@@ -16,9 +16,11 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from .limits import Refusal
 from .protocol.errors import FaultStatus, HResult
+from .protocol.kms import SUPPORTED_MAJORS
 from .protocol.products import ProductDatabase, products
-from .protocol.rpc import NakReason, PType
+from .protocol.rpc import BindNak, Fault, NakReason
 
 UNKNOWN = "unknown"
 RECENT = 50  # activations kept for the status page
@@ -60,7 +62,7 @@ class Metrics:
         self.errors: dict[tuple[str, str], int] = {}
         self.accepted = 0
         self.evicted = 0  # connections closed to make room for a new one
-        self.refused: dict[str, int] = {}  # reason -> connections refused
+        self.refused: dict[Refusal, int] = {}  # connections refused, by reason
         self.latency = [0] * (len(BUCKETS) + 1)  # per bucket, not cumulative; last: +Inf
         self.latency_sum = 0.0
         self.latency_count = 0
@@ -94,26 +96,25 @@ class Metrics:
             (now, address, workstation, application, product, protocol, count, required, result)
         )
 
-    def refusal(self, hresult: int, payload: bytes, address: str, now: float) -> None:
+    def refusal(
+        self, hresult: int, version: tuple[int, int] | None, address: str, now: float
+    ) -> None:
         """A request answered with an HRESULT (its product is not known: it may not even
-        have decoded)."""
+        have decoded); `version`: the one it claims (kmsd.protocol.connection.Call)."""
         code = f"0x{hresult:08X}"
-        protocol = _version(payload)
+        protocol = _protocol(version)
         result = f"refused-{code}"
         key = (UNKNOWN, UNKNOWN, protocol, result)
         self.activations[key] = self.activations.get(key, 0) + 1
         self.error("kms_error", _HRESULTS.get(hresult, code))
         self.recent.append((now, address, "", UNKNOWN, UNKNOWN, protocol, 0, 0, result))
 
-    def bad_input(self, pdu: bytes) -> None:
-        """A fault or bind_nak the connection answered bad input with."""
-        ptype = pdu[2] if len(pdu) > 2 else -1
-        if ptype == PType.FAULT and len(pdu) >= 28:
-            status = int.from_bytes(pdu[24:28], "little")
-            self.error("fault", _FAULTS.get(status, f"0x{status:08X}"))
-        elif ptype == PType.BIND_NAK and len(pdu) >= 18:
-            reason = int.from_bytes(pdu[16:18], "little")
-            self.error("bind_nak", _NAKS.get(reason, str(reason)))
+    def bad_input(self, refusal: Fault | BindNak | None) -> None:
+        """The fault or bind_nak the connection answered bad input with (Send.refusal)."""
+        if isinstance(refusal, Fault):
+            self.error("fault", _FAULTS.get(refusal.status, f"0x{refusal.status:08X}"))
+        elif isinstance(refusal, BindNak):
+            self.error("bind_nak", _NAKS.get(refusal.reason, str(refusal.reason)))
         else:
             self.error("other", "")
 
@@ -121,15 +122,8 @@ class Metrics:
         key = (kind, code)
         self.errors[key] = self.errors.get(key, 0) + 1
 
-    def refused_connection(self, reason: str) -> None:
-        """`reason` as kmsd.limits.Admission words it; counted by kind."""
-        if reason.startswith("address outside"):
-            kind = "not_allowed"
-        elif reason.endswith("from this address"):
-            kind = "per_address_limit"
-        else:
-            kind = "other"
-        self.refused[kind] = self.refused.get(kind, 0) + 1
+    def refused_connection(self, refusal: Refusal) -> None:
+        self.refused[refusal] = self.refused.get(refusal, 0) + 1
 
     def replied(self, seconds: float) -> None:
         """A reply was written `seconds` after its request was complete."""
@@ -234,13 +228,13 @@ class Metrics:
         return "\n".join(out) + "\n"
 
 
-def _version(payload: bytes) -> str:
-    """The protocol version a KMS request claims (minor, major: little-endian u16s)."""
-    if len(payload) < 4:
+def _protocol(version: tuple[int, int] | None) -> str:
+    """The protocol label of a claimed version: the versions that exist, "other", or
+    "unknown" when the request was too short to claim one."""
+    if version is None:
         return UNKNOWN
-    minor = int.from_bytes(payload[0:2], "little")
-    major = int.from_bytes(payload[2:4], "little")
-    return f"{major}.{minor}" if major in (4, 5, 6) and minor < 10 else "other"
+    major, minor = version
+    return f"{major}.{minor}" if major in SUPPORTED_MAJORS and minor < 10 else "other"
 
 
 def _escape(value: str) -> str:
@@ -253,22 +247,3 @@ def _number(value: float) -> str:
     if isinstance(value, int):
         return str(value)
     return repr(float(value))
-
-
-def publisher_state(publisher: Any) -> Mapping[str, Any] | None:
-    """The DNS publication state of a kmsd.dns.publish.Publisher: its own `state()` when it
-    has one, else what its attributes show."""
-    state = getattr(publisher, "state", None)
-    if callable(state):
-        result: Mapping[str, Any] | None = state()
-        return result
-    published = getattr(publisher, "published", None)
-    settings = getattr(publisher, "settings", None)
-    server = getattr(publisher, "server", None)
-    return {
-        "zone": str(getattr(settings, "zone", "")).rstrip("."),
-        "server": f"{server[0]}:{server[1]}" if server else None,
-        "published": published is not None,
-        "srv": getattr(published, "srv", None),
-        "addresses": sorted(getattr(published, "addresses", ()) or ()),
-    }

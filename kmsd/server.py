@@ -237,7 +237,9 @@ class _KmsProtocol(asyncio.Protocol):
         if victim is not None:
             victim.evict()
         if refused is not None:
-            log.warning("connection refused", client=self.peer, reason=refused)
+            log.warning(
+                "connection refused", client=self.peer, reason=server.admission.explain(refused)
+            )
             server.metrics.refused_connection(refused)
             self.transport.abort()
             return
@@ -303,7 +305,7 @@ class _KmsProtocol(asyncio.Protocol):
             elif isinstance(event, Send):
                 if event.problem:
                     log.warning("bad input", client=self.peer, problem=event.problem)
-                    self.server.metrics.bad_input(event.data)
+                    self.server.metrics.bad_input(event.refusal)
                 self._send(event.data, None)
             elif isinstance(event, Close):
                 log.warning("closing connection", client=self.peer, reason=event.reason)
@@ -370,7 +372,7 @@ class _KmsProtocol(asyncio.Protocol):
                 reason=exc.reason,
                 hresult=f"0x{exc.hresult:08X}",
             )
-            self.server.metrics.refusal(exc.hresult, call.payload, self.peer, now)
+            self.server.metrics.refusal(exc.hresult, call.version, self.peer, now)
             return call.reply_error(exc.hresult)
         request = activation.request
         protocol = f"{request.major}.{request.minor}"

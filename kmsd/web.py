@@ -20,10 +20,10 @@ import ipaddress
 import json
 import time
 from base64 import b64encode
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit
 
 import structlog
@@ -31,7 +31,7 @@ import structlog
 from . import __version__
 from .addresses import is_ip, join_host_port
 from .cache import MemoryCounter
-from .metrics import UNKNOWN, publisher_state
+from .metrics import UNKNOWN
 from .server import KmsServer
 from .store import SqliteStore, StoreError, app_name, resolve_app
 
@@ -112,6 +112,13 @@ def _page() -> tuple[bytes, str]:
     return page, policy
 
 
+class DnsPublication(Protocol):
+    """What the endpoint needs of DNS publication (kmsd.dns.publish.Publisher, or
+    kmsd.dns.targets.Publications for several zones)."""
+
+    def state(self) -> Mapping[str, Any] | None: ...
+
+
 class AdminServer:
     """Serves the admin endpoint of one KmsServer (and its store and DNS publisher)."""
 
@@ -119,7 +126,7 @@ class AdminServer:
         self,
         kms: KmsServer,
         store: SqliteStore | None = None,
-        publisher: object | None = None,
+        publisher: DnsPublication | None = None,
     ) -> None:
         self.kms = kms
         self.store = store
@@ -147,11 +154,11 @@ class AdminServer:
             "/api/status": self.api_status,
         }
 
-    def watch_dns(self, publisher: object | None) -> None:
+    def watch_dns(self, publisher: DnsPublication | None) -> None:
         """Report this DNS publisher's state (None: publication is off)."""
         self.publisher = publisher
         if publisher is not None:
-            self.metrics.dns_state = lambda: publisher_state(publisher)
+            self.metrics.dns_state = publisher.state
 
     async def start(self, host: str, port: int) -> None:
         try:
@@ -370,7 +377,7 @@ async def start(
     listen: tuple[str, int],
     kms: KmsServer,
     store: SqliteStore | None = None,
-    publisher: object | None = None,
+    publisher: DnsPublication | None = None,
 ) -> AdminServer:
     admin = AdminServer(kms, store, publisher)
     await admin.start(*listen)

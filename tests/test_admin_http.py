@@ -27,7 +27,7 @@ from kmsd import web
 from kmsd.config import defaults
 from kmsd.host import HostIdentity, HostPolicy, KmsHost
 from kmsd.limits import Admission
-from kmsd.metrics import Metrics, publisher_state
+from kmsd.metrics import Metrics
 from kmsd.protocol.client import HostRefused, base_request
 from kmsd.protocol.kms import BaseRequest
 from kmsd.protocol.products import products
@@ -520,14 +520,14 @@ def test_dns_publication_state_is_exported() -> None:
     (settings,) = defaults(publish_zone="lab.test", publish_host="kms1.lab.test").dns
     publisher = Publisher(settings, [("192.0.2.1", 1688)])
     m = Metrics()
-    m.dns_state = lambda: publisher_state(publisher)
+    m.dns_state = publisher.state
     m.activation("Windows", "Windows 10/11 Enterprise", "6.0", 1, 25, "ws", "a", 0)
     text = m.render(open_connections=0)
     assert value(parse_exposition(text), "kmsd_dns_published", zone="lab.test") == 0
     publisher.published = publisher.desired(("192.0.2.53", 53))
     samples = parse_exposition(m.render(open_connections=0))
     assert value(samples, "kmsd_dns_published", zone="lab.test") == 1
-    assert (publisher_state(publisher) or {})["srv"] == "0 0 1688 kms1.lab.test."
+    assert publisher.state()["srv"] == "0 0 1688 kms1.lab.test."
     assert "kmsd_dns_published" not in {
         n for n, _ in parse_exposition(Metrics().render(open_connections=0))
     }

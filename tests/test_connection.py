@@ -7,10 +7,11 @@ import struct
 
 import pytest
 
+from kmsd.metrics import Metrics
 from kmsd.protocol import ndr
 from kmsd.protocol.client import BindOptions, RpcClient, base_request
 from kmsd.protocol.connection import AssociationGroups, Call, Close, Event, Send, ServerConnection
-from kmsd.protocol.errors import FaultStatus
+from kmsd.protocol.errors import FaultStatus, HResult
 from kmsd.protocol.kms import encode_request
 from kmsd.protocol.products import products
 from kmsd.protocol.rpc import (
@@ -314,3 +315,45 @@ def test_association_groups_are_joined_and_released() -> None:
     for conn in (first, second, third):
         conn.close()
     assert len(groups) == 0
+
+
+def test_refusals_say_what_they_send_and_metrics_count_them_from_that() -> None:
+    """A Send that refuses input carries the fault or bind_nak it encodes, so the metrics
+    label it without decoding bytes."""
+    wrong_version = bytearray(RpcClient().bind())
+    wrong_version[0] = 4
+    inputs = [
+        (bound(), Request(9, 5, ndr.wrap_request(kms_payload(), False)).encode()),
+        (bound(), Request(4, 0, ndr.wrap_request(kms_payload(), False), opnum=1).encode()),
+        (bound(), Request(3, 0, b"\x01\x02").encode()),
+        (new_conn(), bytes(wrong_version)),
+    ]
+    metrics = Metrics()
+    for conn, data in inputs:
+        send = conn.feed(data)[0]
+        assert isinstance(send, Send) and send.problem and send.refusal is not None
+        assert parse_pdu(send.data) == send.refusal
+        metrics.bad_input(send.refusal)
+    (ack,) = new_conn().feed(RpcClient().bind())
+    assert isinstance(ack, Send) and ack.refusal is None and ack.problem is None
+    assert metrics.errors == {
+        ("fault", "UNK_IF"): 1,
+        ("fault", "OP_RNG_ERROR"): 1,
+        ("fault", "BAD_STUB_DATA"): 1,
+        ("bind_nak", "PROTOCOL_VERSION_NOT_SUPPORTED"): 1,
+    }
+
+
+@pytest.mark.parametrize(
+    ("payload", "version", "label"),
+    [(None, (6, 0), "6.0"), (b"\x00\x00\x07\x00", (7, 0), "other"), (b"\x00\x00", None, "unknown")],
+)
+def test_a_call_says_the_kms_version_it_claims(
+    payload: bytes | None, version: tuple[int, int] | None, label: str
+) -> None:
+    message = kms_payload(6) if payload is None else payload
+    call = only(bound().feed(Request(2, 0, ndr.wrap_request(message, False)).encode()), Call)
+    assert isinstance(call, Call) and call.version == version
+    metrics = Metrics()
+    metrics.refusal(HResult.INVALID_DATA, call.version, "127.0.0.1", 0.0)
+    assert list(metrics.activations) == [("unknown", "unknown", label, "refused-0x8007000D")]

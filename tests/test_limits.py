@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kmsclient.session import KmsConnection
-from kmsd.limits import Admission, source_of
+from kmsd.limits import Admission, Refusal, source_of
 from kmsd.protocol import ndr
 from kmsd.protocol.client import RpcClient, base_request
 from kmsd.protocol.errors import FaultStatus
@@ -34,9 +34,13 @@ def test_admission_caps_allow_list_and_rate() -> None:
     )
     assert adm.admit("127.0.0.1", "a", 0.0) == (None, None)
     assert adm.admit("127.0.0.1", "b", 0.0) == (None, None)
-    assert "from this address" in str(adm.admit("127.0.0.1", "c", 0.0)[0])
+    assert adm.admit("127.0.0.1", "c", 0.0) == (Refusal.PER_ADDRESS_LIMIT, None)
     assert adm.admit("127.0.0.2", "d", 0.0) == (None, None)
-    assert "outside the allowed" in str(adm.admit("127.0.0.9", "e", 0.0)[0])
+    assert adm.admit("127.0.0.9", "e", 0.0) == (Refusal.NOT_ALLOWED, None)
+    assert [adm.explain(r) for r in Refusal] == [
+        "address outside the allowed networks",
+        "2 connections already open from this address",
+    ]
     assert adm.allowed("::ffff:127.0.0.1") and not adm.allowed("::1")
     # Rate: a burst of 2, then one per second.
     assert [adm.requested("127.0.0.2", "d", 0.0) for _ in range(3)] == [True, True, False]

@@ -318,6 +318,17 @@ class Publisher:
     def start(self) -> None:
         self._task = asyncio.create_task(self.run())
 
+    def state(self) -> dict[str, Any]:
+        """What the admin endpoint and the metrics show of this publication."""
+        published, server = self.published, self.server
+        return {
+            "zone": str(self.settings.zone).rstrip("."),
+            "server": f"{server[0]}:{server[1]}" if server else None,
+            "published": published is not None,
+            "srv": published.srv if published else None,
+            "addresses": sorted(published.addresses) if published else [],
+        }
+
     async def stop(self) -> None:
         """Let an update in flight finish (bounded), then withdraw the records."""
         self._stopping = True

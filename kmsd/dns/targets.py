@@ -88,7 +88,5 @@ class Publications:
     def state(self) -> dict[str, Any] | None:
         """The first target's state and every target's (for the admin endpoint and
         metrics); None when nothing is published."""
-        from ..metrics import publisher_state
-
-        targets = [dict(publisher_state(p) or {}) for p in self.publishers.values()]
+        targets = [p.state() for p in self.publishers.values()]
         return {**targets[0], "targets": targets} if targets else None

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from . import ndr
 from .errors import FaultStatus, StubError
+from .kms import request_version
 from .rpc import (
     BTFN_FEATURES,
     HEADER_SIZE,
@@ -47,10 +48,12 @@ MAX_PENDING_CALLS = 4  # requests being reassembled at once on one connection
 
 @dataclass(frozen=True, slots=True)
 class Send:
-    """Bytes to write to the peer; `problem` says what was wrong with the input, if anything."""
+    """Bytes to write to the peer. When they refuse bad input, `refusal` is the fault or
+    bind_nak they encode and `problem` says what was wrong with the input."""
 
     data: bytes
     problem: str | None = None
+    refusal: Fault | BindNak | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +71,11 @@ class Call:
     context_id: int
     ndr64: bool
     payload: bytes
+
+    @property
+    def version(self) -> tuple[int, int] | None:
+        """The KMS protocol version (major, minor) the request claims, if any."""
+        return request_version(self.payload)
 
     def reply(self, kms_response: bytes) -> bytes:
         return self._respond(ndr.wrap_response(kms_response, self.ndr64))
@@ -269,10 +277,12 @@ class ServerConnection:
         return [self._close(f"unexpected PDU type {h.ptype} from a client")]
 
     def _nak(self, call_id: int, reason: NakReason, problem: str) -> list[Event]:
-        return [Send(BindNak(call_id, reason).encode(), problem), self._close(problem)]
+        nak = BindNak(call_id, reason)
+        return [Send(nak.encode(), problem, nak), self._close(problem)]
 
     def _fault(self, call_id: int, context_id: int, status: FaultStatus, problem: str) -> Send:
-        return Send(Fault(call_id, context_id, status).encode(), problem)
+        fault = Fault(call_id, context_id, status)
+        return Send(fault.encode(), problem, fault)
 
     def _bind(self, bind: Bind) -> tuple[bytes, tuple[tuple[int, bool], ...]]:
         """The ack and the contexts it accepted (id, is NDR64)."""

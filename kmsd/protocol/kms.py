@@ -25,6 +25,7 @@ from .crypto import (
 )
 from .errors import HResult, KmsError, NotGenuine
 
+_VERSION = struct.Struct("<HH")  # minor, major: how every KMS message begins
 _BASE_REQUEST = struct.Struct("<HHIII16s16s16s16sIQ16s128s")
 BASE_REQUEST_SIZE = _BASE_REQUEST.size  # 236
 _RESPONSE_HEAD = struct.Struct("<HHI")  # version, ePIDSize
@@ -221,11 +222,19 @@ class KmsRequest:
     dc: bytes = b""  # V5/V6: Dk(IV), the raw block decryption of the client's IV
 
 
+def request_version(message: bytes) -> tuple[int, int] | None:
+    """The (major, minor) version a KMS request claims; None when it is too short to say."""
+    if len(message) < _VERSION.size:
+        return None
+    minor, major = _VERSION.unpack_from(message)
+    return major, minor
+
+
 def decode_request(message: bytes, *, verify: bool = True) -> KmsRequest:
     """Decode a KMS request; `verify` checks the V4 MAC, V5/V6 padding and inner version."""
     if len(message) < 4:
         raise KmsError(HResult.INVALID_DATA, f"request of {len(message)} bytes has no version")
-    minor, major = struct.unpack_from("<HH", message)
+    minor, major = _VERSION.unpack_from(message)
     if major not in SUPPORTED_MAJORS or minor != 0:
         raise KmsError(HResult.INVALID_DATA, f"unsupported protocol version {major}.{minor}")
     need = V4_REQUEST_SIZE if major == 4 else V56_REQUEST_SIZE
