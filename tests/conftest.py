@@ -6,13 +6,14 @@ import json
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import pytest
 
@@ -27,6 +28,54 @@ if TYPE_CHECKING:
     from kmsd.dns.publish import PublishSettings
 
 LOOPBACK = "127.0.0.1"
+
+# Two tiers. `system`: tests that start daemons, real servers or other programs (kmsd as a
+# process or on a socket, BIND, Samba, chromium, tshark, systemd-analyze, ruff, mypy); the
+# rest is the pure core, run in seconds by `pytest -m "not system"`. Whole modules of
+# system tests are listed here; so is any test using the `server` fixture; other system
+# tests carry @pytest.mark.system. A test of the pure core that opens a socket or starts
+# a process fails (see _pure_core_stays_pure), so a missing mark cannot go unnoticed.
+SYSTEM_MODULES = frozenset(
+    {
+        "test_admin_http",
+        "test_bench",
+        "test_deploy",
+        "test_dns_bind",
+        "test_dns_gss",
+        "test_faults",
+        "test_fuzz",
+        "test_impacket",
+        "test_inert",
+        "test_logs",
+        "test_pipe",
+        "test_reload",
+        "test_server",
+        "test_store",
+        "test_style",
+        "test_systemd",
+        "test_tshark",
+    }
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        module = item.nodeid.split("::", 1)[0].rsplit("/", 1)[-1].removesuffix(".py")
+        if module in SYSTEM_MODULES or "server" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.system)
+
+
+def _not_in_the_pure_core(*args: object, **kwargs: object) -> NoReturn:
+    raise AssertionError("a socket or a process in a test of the pure core: mark it system")
+
+
+@pytest.fixture(autouse=True)
+def _pure_core_stays_pure(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    if request.node.get_closest_marker("system") is not None:
+        return
+    for name in ("bind", "connect", "connect_ex"):
+        monkeypatch.setattr(socket.socket, name, _not_in_the_pure_core)
+    monkeypatch.setattr(subprocess.Popen, "_execute_child", _not_in_the_pure_core)
 
 
 def server_settings(**changes: Any) -> ServerSettings:

@@ -103,6 +103,7 @@ CHECKED = (
 )
 
 
+@pytest.mark.system
 def test_check_config_prints_a_file_that_reads_back_the_same(tmp_path: Path) -> None:
     result = run_kmsd("check-config", *CHECKED)
     assert result.returncode == 0, result.stderr
@@ -119,6 +120,7 @@ def test_check_config_prints_a_file_that_reads_back_the_same(tmp_path: Path) -> 
     assert again.values == original.values
 
 
+@pytest.mark.system
 def test_bad_configuration_exits_2_without_traceback(tmp_path: Path) -> None:
     file = tmp_path / "bad.toml"
     file.write_text("[network]\nidle_timeout = -1\n")

@@ -115,6 +115,7 @@ def test_module_ciphers_use_the_selected_implementation() -> None:
     assert E4.rounds == 11 and E6.rounds == 10
 
 
+@pytest.mark.system
 @pytest.mark.parametrize(
     ("setup", "expected"),
     [
@@ -358,6 +359,7 @@ def test_extension_type_guards_its_arguments() -> None:
     assert _rijndael.Rijndael(schedule).encrypt_block(ZERO) == E6.encrypt_block(ZERO)
 
 
+@pytest.mark.system
 @pytest.mark.skipif(
     not crypto.ACCELERATED, reason="the captured exchanges already ran on pure Python"
 )
@@ -376,6 +378,7 @@ def test_captured_exchanges_replay_on_pure_python_too() -> None:
     assert " passed" in result.stdout
 
 
+@pytest.mark.system
 def test_the_daemon_does_not_load_cryptography_when_compiled() -> None:
     """With the extension, V5 runs on CRijndael: the daemon's imports leave out
     cryptography and its own OpenSSL (about 7 MiB of resident memory)."""
@@ -396,6 +399,7 @@ def test_the_daemon_does_not_load_cryptography_when_compiled() -> None:
     assert pure.stdout.split() == ["Aes", "True"], pure.stderr
 
 
+@pytest.mark.system
 def test_the_daemon_reads_its_data_files_without_importlib_resources() -> None:
     """importlib.resources brings tempfile, shutil and zipfile (about 0.7 MiB resident)
     for two files that lie beside the modules in any install kmsd supports."""

@@ -105,6 +105,7 @@ def right(query: dnslib.DNSRecord) -> dnslib.DNSRecord:
     return srv_reply(query, SPOOFED)
 
 
+@pytest.mark.system
 @pytest.mark.parametrize(
     ("source", "make"),
     [
@@ -124,6 +125,7 @@ async def test_spoofed_replies_are_ignored(fake: FakeNameserver, source: str, ma
     assert resolver.dropped == 3
 
 
+@pytest.mark.system
 async def test_only_forgeries_end_in_a_bounded_failure(fake: FakeNameserver) -> None:
     fake.genuine = False
     fake.forgeries = [("server", wrong_id), ("other", right)]
@@ -136,6 +138,7 @@ async def test_only_forgeries_end_in_a_bounded_failure(fake: FakeNameserver) -> 
     assert resolver.dropped == 4
 
 
+@pytest.mark.system
 async def test_queries_use_random_ids(fake: FakeNameserver) -> None:
     resolver = Resolver([fake.address])
     for _ in range(8):
@@ -143,6 +146,7 @@ async def test_queries_use_random_ids(fake: FakeNameserver) -> None:
     assert len({q.header.id for q in fake.queries}) == 8
 
 
+@pytest.mark.system
 async def test_each_query_comes_from_a_new_random_port() -> None:
     seen: list[int] = []
     sock = await asyncio_dgram.bind(("127.0.0.2", 0))
@@ -190,6 +194,7 @@ async def lab_zone() -> AsyncIterator[tuple[Responder, tuple[str, int]]]:
     await responder.stop()
 
 
+@pytest.mark.system
 async def test_a_truncated_answer_is_asked_again_over_tcp(
     lab_zone: tuple[Responder, tuple[str, int]],
 ) -> None:
@@ -203,6 +208,7 @@ async def test_a_truncated_answer_is_asked_again_over_tcp(
     assert {c.addresses for c in candidates} == {(f"127.0.1.{i}",) for i in range(1, 41)}
 
 
+@pytest.mark.system
 async def test_targets_without_additional_records_are_queried(
     lab_zone: tuple[Responder, tuple[str, int]],
 ) -> None:
@@ -279,6 +285,7 @@ def test_resolv_conf(tmp_path: Path) -> None:
 # kmsd dns-serve as a process, dig, and kmsclient through it.
 
 
+@pytest.mark.system
 def test_dns_serve_process_dig_discover_and_activate(tmp_path: Path) -> None:
     kmsd = start_kmsd("--fixed-count", "50", listen="127.0.0.4:0")
     dns = subprocess.Popen(
@@ -347,6 +354,7 @@ def test_dns_serve_process_dig_discover_and_activate(tmp_path: Path) -> None:
         stop_kmsd(kmsd)
 
 
+@pytest.mark.system
 def test_static_host_bypasses_dns(kmsd_process: KmsdProcess, tmp_path: Path) -> None:
     out = io.StringIO()
     # A nameserver that does not exist: were it asked, the activation would fail.

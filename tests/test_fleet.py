@@ -139,6 +139,7 @@ async def test_direct_and_wire_in_process_agree() -> None:
         assert _comparable(direct) == _comparable(wire)
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("name", ["seed-threshold", "failover-3-hosts"])
 async def test_real_kmsd_over_loopback_agrees_with_the_in_process_run(
     name: str, tmp_path: Path

@@ -91,6 +91,7 @@ async def test_activate_every_family_and_version(
         assert result.verified.epid.build == product.kms.csvlk.host_build
 
 
+@pytest.mark.system
 @pytest.mark.parametrize(
     "options",
     [BindOptions(ndr64=False), BindOptions(btfn=False, multiplex=False), BindOptions()],
@@ -146,6 +147,7 @@ async def test_cli_activate_json_schema_and_exit_statuses(server: KmsServer) -> 
     assert status == 0 and WIN.name in out and str(OFFICE.id) in out
 
 
+@pytest.mark.system
 async def test_refused_by_hresult() -> None:
     srv = KmsServer(make_host(HostPolicy(strict=True)), server_settings())
     await srv.start()
@@ -160,6 +162,7 @@ async def test_refused_by_hresult() -> None:
     assert data["error"]["hresult"] == "0xC004F042" and data["response"] is None
 
 
+@pytest.mark.system
 async def test_python_dash_m_and_usage_status() -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "kmsclient", "activate", "--help",
@@ -180,6 +183,7 @@ async def test_charge_reaches_the_threshold(
     assert report.counts == list(range(1, threshold + 1))
 
 
+@pytest.mark.system
 async def test_charge_stops_when_the_count_does_not_grow() -> None:
     srv = KmsServer(make_host(HostPolicy(fixed_count=3)), server_settings())
     await srv.start()
@@ -273,6 +277,7 @@ async def closes_at_once(reader: asyncio.StreamReader, writer: asyncio.StreamWri
     writer.close()
 
 
+@pytest.mark.system
 @pytest.mark.parametrize(
     ("handler", "status", "message"),
     [
@@ -291,6 +296,7 @@ async def test_misbehaving_hosts(handler: Handler, status: Status, message: str)
         assert message in data["error"]["message"], data["error"]
 
 
+@pytest.mark.system
 async def test_nothing_listening() -> None:
     async with serve(closes_at_once) as target:
         closed = target
@@ -433,6 +439,7 @@ def expected_check(major: int, p: int, size: int, field: str, at: int) -> str:
     raise AssertionError(f"flip at {at} touches nothing V5 checks")
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("name", replayable())
 async def test_replayed_capture_verifies_and_every_tampered_field_is_caught(name: str) -> None:
     script = Script(load_vector(name))
@@ -612,6 +619,7 @@ def test_bind_ack_warnings_like_vlmcs() -> None:
     assert len(client.warnings) == 2
 
 
+@pytest.mark.system
 def test_version() -> None:
     import subprocess
     import sys

@@ -118,6 +118,7 @@ async def activates(srv: KmsServer) -> bool:
     return reply.base.count > 0
 
 
+@pytest.mark.system
 async def test_allow_list_refuses_other_networks() -> None:
     srv = await start(allow=(ipaddress.ip_network("127.0.0.1/32"),))
     try:
@@ -127,6 +128,7 @@ async def test_allow_list_refuses_other_networks() -> None:
         await srv.stop()
 
 
+@pytest.mark.system
 async def test_per_address_cap_leaves_room_for_others() -> None:
     srv = await start(max_connections_per_ip=5)
     hogs = []
@@ -141,6 +143,7 @@ async def test_per_address_cap_leaves_room_for_others() -> None:
         await srv.stop()
 
 
+@pytest.mark.system
 async def test_rate_limit_answers_server_too_busy() -> None:
     assert SKU
     srv = await start(rate_per_ip=1.0)
@@ -165,6 +168,7 @@ async def test_rate_limit_answers_server_too_busy() -> None:
     assert FaultStatus.SERVER_TOO_BUSY in statuses[2:]
 
 
+@pytest.mark.system
 async def test_slow_sender_is_closed_and_others_are_served() -> None:
     srv = await start(read_timeout=0.3, idle_timeout=30)
     try:
@@ -177,6 +181,7 @@ async def test_slow_sender_is_closed_and_others_are_served() -> None:
         await srv.stop()
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("hostile", [200])
 async def test_legitimate_clients_activate_under_many_idle_connections(hostile: int) -> None:
     srv = await start(max_connections=hostile + 50, max_connections_per_ip=hostile + 50)
@@ -204,6 +209,7 @@ def server_ports(srv: KmsServer) -> set[int]:
     return {int(conn.peer.rsplit(":", 1)[1]) for conn in srv.connections}
 
 
+@pytest.mark.system
 async def test_idle_connections_cannot_lock_out_a_client() -> None:
     """Idle connections from four addresses take every slot: each new client takes the
     place of the oldest connection of the address with the most (here each of them in
@@ -232,6 +238,7 @@ async def test_idle_connections_cannot_lock_out_a_client() -> None:
         await srv.stop()
 
 
+@pytest.mark.system
 async def test_connections_idle_after_a_request_make_room_by_last_request() -> None:
     assert SKU
     srv = await start(max_connections=6, max_connections_per_ip=10)
@@ -255,6 +262,7 @@ async def test_connections_idle_after_a_request_make_room_by_last_request() -> N
         await srv.stop()
 
 
+@pytest.mark.system
 async def test_a_full_address_is_refused_rather_than_evicting_others() -> None:
     srv = await start(max_connections=4, max_connections_per_ip=2)
     idle = []

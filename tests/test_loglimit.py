@@ -100,6 +100,7 @@ async def _refused(port: int) -> None:
     writer.close()
 
 
+@pytest.mark.system
 async def test_a_flood_of_refused_connections_writes_a_few_lines_and_a_count() -> None:
     kmsd = start_kmsd("--allow", f"{LOOPBACK}/32")
     try:

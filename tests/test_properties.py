@@ -739,6 +739,7 @@ server_garbage = st.lists(
 )
 
 
+@pytest.mark.system
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(garbage=server_garbage, major=st.sampled_from([4, 5, 6]))
 def test_server_survives_garbage(garbage: list[bytes], major: int) -> None:
