@@ -20,7 +20,7 @@ import pytest
 from kmsd.cache import MemoryCounter
 from kmsd.config import defaults
 from kmsd.host import HostIdentity, HostPolicy, KmsHost
-from kmsd.protocol.products import products
+from kmsd.protocol.products import Sku, products
 from kmsd.server import KmsServer, ServerSettings
 from kmsd.store import StoreSettings
 
@@ -92,6 +92,13 @@ def publish_settings(zone: str = "lab.test", **changes: Any) -> PublishSettings:
 def table_settings(path: str | Path, **changes: Any) -> StoreSettings:
     """kmsd's default table settings, with the database at `path`."""
     return replace(defaults().table, path=str(path), **changes)
+
+
+def sku(name: str) -> Sku:
+    """A product the database must have, by name."""
+    found = products().sku_by_name(name)
+    assert found is not None, name
+    return found
 
 
 def make_host(policy: HostPolicy = HostPolicy()) -> KmsHost:

@@ -44,8 +44,10 @@ class FakePrimary:
     async def read(
         self, name: dns.name.Name, server: tuple[str, int]
     ) -> list[dns.rdtypes.IN.SRV.SRV]:
-        rrset = dns.rrset.from_text(name, 60, "IN", "SRV", *self.srv) if self.srv else []
-        return list(rrset)
+        if not self.srv:
+            return []
+        rrset = dns.rrset.from_text(name, 60, "IN", "SRV", *self.srv)
+        return [r for r in rrset if isinstance(r, dns.rdtypes.IN.SRV.SRV)]
 
 
 def publisher(primary: FakePrimary, address: list[str], **settings: Any) -> Publisher:

@@ -154,6 +154,7 @@ async def test_each_query_comes_from_a_new_random_port() -> None:
     async def serve() -> None:
         while True:
             data, peer = await sock.recv()
+            assert isinstance(peer, tuple)
             seen.append(peer[1])
             await sock.send(srv_reply(dnslib.DNSRecord.parse(data), GENUINE).pack(), peer)
 
@@ -313,13 +314,13 @@ def test_dns_serve_process_dig_discover_and_activate(tmp_path: Path) -> None:
         host, _, port = address.rpartition(":")
         if shutil.which("dig"):
             for transport in ("+notcp", "+tcp"):
-                out = subprocess.run(
+                short = subprocess.run(
                     ["dig", f"@{host}", "-p", port, SRV_NAME, "SRV", "+short", transport],
                     capture_output=True,
                     text=True,
                     timeout=10,
                 ).stdout
-                assert sorted(out.split("\n")[:2]) == [
+                assert sorted(short.split("\n")[:2]) == [
                     "0 10 1 kms1.lab.test.",
                     f"5 0 {kmsd.port} kms2.lab.test.",
                 ]

@@ -196,8 +196,12 @@ async def test_nothing_answers_the_cache_is_emptied(tmp_path: Path) -> None:
     cache = HostCache(tmp_path / "kms-host.json")
     cache.put(["lab.test"], CachedHost("kms0", 1688))
     found = await find_host(
-        ["lab.test"], FakeResolver(lab()), cache, FakeHosts(set()), random.Random(12)
-    )  # type: ignore[arg-type]
+        ["lab.test"],
+        FakeResolver(lab()),  # type: ignore[arg-type]
+        cache,
+        FakeHosts(set()),
+        random.Random(12),
+    )
     assert not found.answered
     assert cache.get(["lab.test"]) is None
 
@@ -218,8 +222,12 @@ async def test_suffixes_are_tried_in_order_past_a_failing_one() -> None:
     resolver = FakeResolver(records)
     hosts = FakeHosts(up={"addr-of-kms-c"})
     found = await find_host(
-        ["a.test", "b.test", "c.test"], resolver, None, hosts, random.Random(13)
-    )  # type: ignore[arg-type]
+        ["a.test", "b.test", "c.test"],
+        resolver,  # type: ignore[arg-type]
+        None,
+        hosts,
+        random.Random(13),
+    )
     assert resolver.srv_queries == ["a.test", "b.test", "c.test"]
     assert hosts.tried == ["addr-of-kms-b", "addr-of-kms-c"]
     assert found.answered

@@ -78,7 +78,8 @@ async def test_targets_are_published_changed_dropped_and_withdrawn(
         ("127.0.0.1", "corp.test.", "_vlmcs._tcp.corp.test. 60 IN SRV 0 10 1688 kms1.corp.test."),
         ("127.0.0.2", "lab.test.", "_vlmcs._tcp.lab.test. 60 IN SRV 5 1 1688 kms1.lab.test."),
     ]
-    assert [t["published"] for t in pubs.state()["targets"]] == [True, True]
+    state = pubs.state()
+    assert state is not None and [t["published"] for t in state["targets"]] == [True, True]
 
     # A reload: corp.test gets another weight (in place), lab.test is dropped.
     pubs.apply([replace(corp, weight=20)])

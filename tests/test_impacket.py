@@ -21,8 +21,7 @@ from impacket.uuid import uuidtup_to_bin
 from kmsd.protocol import kms, ndr
 from kmsd.protocol.client import base_request
 from kmsd.protocol.kms import BaseRequest, KmsResponse
-from kmsd.protocol.products import products
-from tests.conftest import KmsdProcess
+from tests.conftest import KmsdProcess, sku
 
 KMS_INTERFACE = uuidtup_to_bin(("51c82175-844e-4750-b0d8-ec255555bc06", "1.0"))
 NDR32 = ("8a885d04-1ceb-11c9-9fe8-08002b104860", "2.0")
@@ -32,7 +31,7 @@ NCA_S_OP_RNG_ERROR = 0x1C010002
 NCA_S_UNK_IF = 0x1C010003
 TIMEOUT = 10  # seconds; impacket puts it on the socket, so it bounds every read
 
-SKU = products().sku_by_name("Windows 10/11 Enterprise")
+SKU = sku("Windows 10/11 Enterprise")
 assert SKU is not None
 
 

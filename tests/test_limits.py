@@ -93,7 +93,7 @@ def test_an_ipv6_64_counts_as_one_address() -> None:
 
 
 async def start(**settings: object) -> KmsServer:
-    srv = KmsServer(make_host(), server_settings(**settings))  # type: ignore[arg-type]
+    srv = KmsServer(make_host(), server_settings(**settings))
     await srv.start()
     return srv
 

@@ -23,7 +23,7 @@ class Virtual:
         self.limiter = LogLimiter(
             clock=lambda: self.now,
             report=lambda *summary: self.summaries.append(summary),
-            **limits,  # type: ignore[arg-type]
+            **limits,
         )
 
     def log(self, method: str, event: str, client: str | None = None) -> bool:

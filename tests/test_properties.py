@@ -225,7 +225,7 @@ def mutate(data: bytes, ops: list[tuple[str, int, Any]]) -> bytes:
 
 
 workstations = st.text(
-    alphabet=st.characters(min_codepoint=1, exclude_categories=("Cs",)), max_size=63
+    alphabet=st.characters(min_codepoint=1, exclude_categories=["Cs"]), max_size=63
 ).filter(lambda s: len(s.encode("utf-16-le")) <= 126)
 
 base_requests = st.builds(

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import cast
 
 import pytest
 import structlog
@@ -76,7 +77,7 @@ async def test_sighup_applies_the_new_file(tmp_path: Path) -> None:
         reload(kmsd)
         failed = kmsd.read_log_until("reload failed, running configuration kept")
         assert failed["level"] == "error"
-        problems = "\n".join(map(str, failed["problems"]))
+        problems = "\n".join(map(str, cast(list[object], failed["problems"])))
         assert "host.renewal_interval: '-1' must be at least 1" in problems
         assert "host.bogus: unknown option" in problems
         third = await activate(kmsd)

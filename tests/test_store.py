@@ -346,7 +346,7 @@ async def test_lab_overrides_are_logged_at_start_and_work(tmp_path: Path) -> Non
         assert await activate(kmsd.host, kmsd.port, "Windows 10/11 Enterprise") == 25
     finally:
         stop_kmsd(kmsd)
-    overrides = {e.get("override") for e in kmsd.log if e["event"].startswith("lab override")}
+    overrides = {e.get("override") for e in kmsd.log if str(e["event"]).startswith("lab override")}
     assert overrides == {"precharge", "record_lifetime_days"}
 
 

@@ -17,6 +17,7 @@ import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -38,7 +39,7 @@ def kmsd_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "kmsd", "--log-format", "json", "--db", ":memory:", *args]
 
 
-def spawn(argv: list[str], env: dict[str, str], **kw: object) -> KmsdProcess:
+def spawn(argv: list[str], env: dict[str, str], **kw: Any) -> KmsdProcess:
     proc = subprocess.Popen(
         argv, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1", **env}, **kw
     )

@@ -33,7 +33,6 @@ from kmsclient.session import KmsConnection
 from kmsd.protocol import kms, ndr
 from kmsd.protocol.client import BindOptions, RpcClient, base_request
 from kmsd.protocol.errors import FaultStatus, HResult, KmsError
-from kmsd.protocol.products import products
 from kmsd.protocol.rpc import (
     KMS_INTERFACE,
     NDR32,
@@ -52,9 +51,9 @@ from kmsd.protocol.rpc import (
     parse_header,
     parse_pdu,
 )
-from tests.conftest import KmsdProcess
+from tests.conftest import KmsdProcess, sku
 
-SKU = products().sku_by_name("Windows 10/11 Enterprise")
+SKU = sku("Windows 10/11 Enterprise")
 assert SKU is not None
 EXCHANGE_TIMEOUT = 60  # seconds for the whole client side of the scenario
 TSHARK_TIMEOUT = 30  # seconds for tshark to start, to show a probe, to stop, to read back
