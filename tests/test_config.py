@@ -175,6 +175,7 @@ def test_settings_are_typed_and_in_seconds(tmp_path: Path) -> None:
     assert config.defaults().table.history == 180 * 86400
 
 
+@pytest.mark.system
 def test_dns_serve_loads_neither_store_nor_host_nor_crypto() -> None:
     """`kmsd dns-serve` reads its options through kmsd.config without loading the daemon."""
     code = (
@@ -195,6 +196,7 @@ def test_dns_serve_loads_neither_store_nor_host_nor_crypto() -> None:
     assert not heavy & loaded
 
 
+@pytest.mark.system
 def test_unusable_publish_key_is_a_configuration_error(tmp_path: Path) -> None:
     missing = tmp_path / "missing.key"
     for command in (["check-config"], []):
