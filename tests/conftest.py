@@ -42,6 +42,7 @@ SYSTEM_MODULES = frozenset(
         "test_deploy",
         "test_dns_bind",
         "test_dns_gss",
+        "test_dns_samba",
         "test_faults",
         "test_fuzz",
         "test_impacket",

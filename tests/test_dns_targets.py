@@ -154,6 +154,7 @@ ttl = 30
     assert reread.dns == settings.dns
 
 
+@pytest.mark.system
 @pytest.mark.parametrize(
     ("argv", "problem"),
     [
@@ -180,6 +181,7 @@ def test_bad_targets_are_configuration_errors(argv: list[str], problem: str) -> 
     assert re.search(problem, result.stderr), result.stderr
 
 
+@pytest.mark.system
 @pytest.mark.skipif(not shutil.which("ktutil"), reason="krb5-user is not installed")
 def test_check_config_checks_the_keytab_and_its_principal(tmp_path: Path) -> None:
     pytest.importorskip("gssapi")
