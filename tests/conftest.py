@@ -39,6 +39,7 @@ SYSTEM_MODULES = frozenset(
     {
         "test_admin_http",
         "test_bench",
+        "test_commands",
         "test_deploy",
         "test_dns_bind",
         "test_dns_gss",

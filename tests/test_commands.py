@@ -8,7 +8,8 @@ import json
 import os
 from pathlib import Path
 
-from kmsclient.session import KmsConnection, base_request
+from kmsclient.session import KmsConnection
+from kmsd.protocol.client import base_request
 from kmsd.protocol.products import products
 from tests.conftest import KmsdProcess, run_kmsd, start_kmsd, stop_kmsd
 
