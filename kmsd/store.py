@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import os
 import sqlite3
 import time
@@ -103,6 +104,11 @@ POLL_SECONDS = 0.25  # how often the loop looks for admin commands and checkpoin
 BUSY_MS = 100  # how long a commit waits for another process's write (admin commands)
 MAX_BACKOFF = 5.0
 PRUNE_EVERY = 3600.0  # seconds between prunings of the client history
+
+
+# str() of an application, SKU or KMS ID: a few hundred values in a lab, each made once;
+# clients may send any, so the cache is bounded (least recently used out).
+_text = functools.lru_cache(maxsize=1024)(str)
 
 
 class StoreError(Exception):
@@ -281,7 +287,6 @@ class SqliteStore:
         self.db.execute("PRAGMA wal_autocheckpoint=0")  # checkpoints run in a thread
         self.counter = MemoryCounter(known, settings.lifetime, fixed_capacity=settings.capacity)
         self._written: dict[UUID, _Written] = {}
-        self._text: dict[UUID, str] = {}  # str() of the few application/SKU/KMS IDs
         self._load()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._items: list[_Change | Statement] = []  # not yet committed, in the loop's order
@@ -354,12 +359,6 @@ class SqliteStore:
 
     # Counting -----------------------------------------------------------------------
 
-    def _str(self, value: UUID) -> str:
-        text = self._text.get(value)
-        if text is None:
-            text = self._text[value] = str(value)
-        return text
-
     def count(self, request: BaseRequest, now: float, address: str) -> int:
         app = request.application_id
         dropped: list[UUID] = []
@@ -384,12 +383,12 @@ class SqliteStore:
         if written.low != low or written.capacity != table.capacity:
             written.capacity = table.capacity
             app_row = (table.capacity, written.low)
-        key = (self._str(app), str(request.client_machine_id))
+        key = (_text(app), str(request.client_machine_id))
         row = (
             *key,
             request.workstation,
-            self._str(request.sku_id),
-            self._str(request.kms_id),
+            _text(request.sku_id),
+            _text(request.kms_id),
             f"{request.major}.{request.minor}",
             request.required_count,
             request.is_vm,

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
+import random
 import signal
 import sqlite3
 import tempfile
@@ -588,3 +590,35 @@ async def replay(path: str, ops: list[tuple[Any, ...]]) -> None:
 def test_a_restart_finds_the_tables_as_they_were(ops: list[tuple[Any, ...]]) -> None:
     with tempfile.TemporaryDirectory() as directory:
         asyncio.run(replay(os.path.join(directory, "kmsd.db"), ops))
+
+
+async def test_memory_stays_flat_whatever_ids_clients_send(tmp_path: Path) -> None:
+    """Random SKU, KMS and client IDs: once the working copy is full (50 Windows records),
+    nothing the store keeps grows with the number of distinct IDs seen."""
+    import tracemalloc
+
+    store = SqliteStore(str(tmp_path / "kmsd.db"), known=KNOWN)
+    store.start(asyncio.get_running_loop())
+    rng = random.Random(16)
+
+    async def burst(n: int) -> None:
+        for i in range(n):
+            r = request()
+            r = dataclasses.replace(r, sku_id=UUID(int=rng.getrandbits(128)))
+            r = dataclasses.replace(r, kms_id=UUID(int=rng.getrandbits(128)))
+            store.count(r, NOW + i, "127.0.0.1:1")
+            if i % 100 == 99:
+                await asyncio.wait_for(store.barrier(), 10)
+        await asyncio.wait_for(store.barrier(), 10)
+
+    tracemalloc.start()
+    try:
+        await burst(3000)  # fills the table and any bounded cache
+        before = tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(True, "*kmsd*")])
+        await burst(3000)
+        after = tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(True, "*kmsd*")])
+    finally:
+        tracemalloc.stop()
+    grown = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
+    assert grown < 64 * 1024, f"{grown} bytes more after 3,000 more distinct IDs"
+    await store.close()
