@@ -48,6 +48,7 @@ DEFAULT_ADMIN_PORT = 9688
 DEFAULT_CONFIG = Path("/etc/kmsd/kmsd.toml")
 ENV_PREFIX = "KMSD_"
 MINUTE, HOUR, DAY = 60.0, 3600.0, 86400.0
+MIB = 2**20  # bytes
 
 
 def default_path() -> Path:
@@ -285,7 +286,7 @@ class Option:
     flag: bool = False  # a boolean switch; a default-true one is turned off by --no-NAME
     reload: bool = False  # SIGHUP applies a change without a restart
     show: Callable[[Any], str] = str
-    unit: float = 1.0  # seconds per unit of a time given in minutes, hours or days
+    unit: float = 1.0  # seconds per unit of a time given in minutes, hours or days; bytes per MiB
     table: Callable[[Mapping[str, Any]], Any] | None = None  # parses a TOML table item
 
     @property
@@ -515,6 +516,16 @@ OPTIONS: tuple[Option, ...] = (
         "(fdatasync, in a thread), so it survives power loss, for about 0.2 ms more CPU "
         "per activation",
         "{normal,full}",
+    ),
+    Option(
+        "wal_limit",
+        "table",
+        number(int, 1, 2**20),
+        64,
+        "MiB the database's write-ahead log may grow to; then commits wait while it is "
+        "copied into the database and emptied",
+        "MIB",
+        unit=MIB,
     ),
     Option(
         "precharge",
@@ -762,7 +773,8 @@ class Effective:
     config_file: Path | None
 
     def value(self, name: str) -> Any:
-        """An option's value in seconds when it is a time (None stays None)."""
+        """An option's value in seconds when it is a time, in bytes when a size (None
+        stays None)."""
         option = BY_NAME[name]
         value = self.values[name]
         return value if value is None or option.unit == 1.0 else value * option.unit
@@ -817,6 +829,7 @@ def build(effective: Effective) -> Settings:
             synchronous=v("synchronous"),
             capacity=v("capacity"),
             create_directory=v("db") == str(default_path()),
+            wal_limit=v("wal_limit"),
         ),
         dns=_publish_settings(effective),
         logging=log_settings(effective),

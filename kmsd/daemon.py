@@ -86,6 +86,7 @@ async def serve(
         if user is not None:  # bound and open as root; serve as the user
             path = settings.table.path
             privileges.drop_to(user, None if path == MEMORY else path)
+            store.check_access()
             await server.start_serving()
     except BaseException:
         await store.close()

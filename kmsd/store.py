@@ -100,7 +100,9 @@ MIGRATIONS: dict[int, str] = {
     """,
 }
 OUR_TABLES = {"meta", "epids", "apps", "clients", "commands", "sqlite_sequence"}
-POLL_SECONDS = 0.25  # how often the loop looks for admin commands and checkpoints
+POLL_SECONDS = 0.25  # how often the loop looks for admin commands, checkpoints, the file
+CHECKPOINT_BUSY = 1.0  # seconds a truncating checkpoint waits for readers to move on
+RETRY_SECONDS = 5.0  # before another try at truncating the log or recreating the file
 BUSY_MS = 100  # how long a commit waits for another process's write (admin commands)
 MAX_BACKOFF = 5.0
 PRUNE_EVERY = 3600.0  # seconds between prunings of the client history
@@ -109,6 +111,9 @@ PRUNE_EVERY = 3600.0  # seconds between prunings of the client history
 # str() of an application, SKU or KMS ID: a few hundred values in a lab, each made once;
 # clients may send any, so the cache is bounded (least recently used out).
 _text = functools.lru_cache(maxsize=1024)(str)
+
+
+TRUNCATING, RECOVERING = "truncating the log", "recreating the database file"
 
 
 class StoreError(Exception):
@@ -126,6 +131,7 @@ class StoreSettings:
     # the process); "full": the log is also flushed to disk (safe from power loss)
     capacity: int | None  # lab override: a fixed table size
     create_directory: bool  # make the database's directory (kmsd's own state directory)
+    wal_limit: int  # bytes the write-ahead log may grow to before commits wait to empty it
 
 
 def connect(path: str, *, create: bool, synchronous: str = "full") -> sqlite3.Connection:
@@ -145,6 +151,11 @@ def connect(path: str, *, create: bool, synchronous: str = "full") -> sqlite3.Co
         db.close()
         if "locked" in str(exc) or "busy" in str(exc):
             raise StoreError(f"{path}: database is locked by another process: {exc}") from None
+        if "unable to open" in str(exc) or "readonly" in str(exc):
+            raise StoreError(
+                f"{path}: cannot open: {exc} (SQLite writes {Path(path).name}-wal and "
+                f"{Path(path).name}-shm beside it: is its directory or file system read-only?)"
+            ) from None
         raise StoreError(f"{path}: not a kmsd database, or corrupt: {exc}") from None
     except StoreError:
         db.close()
@@ -175,9 +186,24 @@ def _migrate(db: sqlite3.Connection, path: str) -> None:
             raise
 
 
+def _identity(path: str) -> tuple[int, int] | None:
+    """Which file is at `path` (device, inode); None: none (nor, maybe, its directory)."""
+    try:
+        info = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return info.st_dev, info.st_ino
+
+
 def lock_file(path: str) -> IO[bytes] | None:
     """Take the daemon lock of a database; None if another process holds it."""
-    handle = open(f"{path}.lock", "ab")  # noqa: SIM115 - held for the daemon's lifetime
+    try:
+        handle = open(f"{path}.lock", "ab")  # noqa: SIM115 - held for the daemon's lifetime
+    except OSError as exc:
+        raise StoreError(
+            f"{path}: cannot create its lock file {path}.lock: {exc.strerror} (is its "
+            "directory or file system read-only?)"
+        ) from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -262,6 +288,7 @@ class SqliteStore:
         self.settings = settings
         self.path = path = settings.path
         self.synchronous = settings.synchronous
+        self.wal_limit = settings.wal_limit
         self.history = settings.history
         self._latest = 0.0  # the latest time counted (the host's clock, maybe virtual)
         self._next_prune = 0.0
@@ -283,8 +310,16 @@ class SqliteStore:
         except StoreError:
             self._release_lock()
             raise
-        self.db.execute(f"PRAGMA busy_timeout={BUSY_MS}")
-        self.db.execute("PRAGMA wal_autocheckpoint=0")  # checkpoints run in a thread
+        try:
+            self._prepare()
+        except sqlite3.Error as exc:
+            self.db.close()
+            self._release_lock()
+            raise StoreError(
+                f"{path}: kmsd cannot write to this database ({exc}); is the file, its "
+                "directory or its file system read-only, or the file immutable (lsattr)?"
+            ) from None
+        self._file = _identity(path)
         self.counter = MemoryCounter(known, settings.lifetime, fixed_capacity=settings.capacity)
         self._written: dict[UUID, _Written] = {}
         self._load()
@@ -301,9 +336,23 @@ class SqliteStore:
         self._commits = 0  # since the last checkpoint
         self._checkpointer: sqlite3.Connection | None = None
         self._checkpointing = False
+        self.checkpoint_ok = True  # the last checkpoint worked (or none was needed yet)
+        self.file_ok = True  # the database file is where kmsd opened it
+        self._held: str | None = None  # why commits wait: TRUNCATING, RECOVERING
+        self._truncate_after = 0.0  # (monotonic) not before, after a failed try
+        self._recover_after = 0.0  # (monotonic) the same for recreating the file
+        self._recovering = False  # the copy to a new file runs
         self._background: set[asyncio.Future[Any]] = set()  # checkpoint, flush: in threads
         self._poller: asyncio.TimerHandle | None = None
         self._data_version = 0
+
+    def _prepare(self) -> None:
+        """Set the connection up, and write once: a database kmsd cannot write to would
+        otherwise look ready and fail at the first commit."""
+        self.db.execute(f"PRAGMA busy_timeout={BUSY_MS}")
+        self.db.execute("PRAGMA wal_autocheckpoint=0")  # checkpoints run in a thread
+        with self._transaction():
+            self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def _load(self) -> None:
         written = self._written
@@ -450,6 +499,9 @@ class SqliteStore:
             self._poller.cancel()
             self._poller = None
         if self._loop is not None:
+            while self._background:  # a truncation or a recovery ends, commits go on
+                await asyncio.gather(*self._background, return_exceptions=True)
+            self._held = None
             if self._scheduled is not None:
                 self._scheduled.cancel()
             if self._items or self._waiting is not None:
@@ -486,6 +538,8 @@ class SqliteStore:
 
     def _commit_group(self) -> None:
         self._scheduled = None
+        if self._held is not None:
+            return  # the log is truncated or the file recreated: _release commits
         items, self._items = self._items, []
         waiting, self._waiting = self._waiting, None
         if items:
@@ -512,6 +566,13 @@ class SqliteStore:
             if self.history is not None and time.monotonic() >= self._next_prune:
                 self._next_prune = time.monotonic() + PRUNE_EVERY
                 self._prune(self._latest - self.history)
+            if (
+                self._wal_size() > self.wal_limit
+                and self.file_ok
+                and time.monotonic() >= self._truncate_after
+            ):
+                self._held = TRUNCATING  # from now on commits wait for the checkpoint
+                self._checkpoint()
         if waiting is not None:
             if self.synchronous == "full" and self.path != MEMORY:
                 self._unsynced.append(waiting)
@@ -559,22 +620,211 @@ class SqliteStore:
 
     def _checkpoint(self) -> None:
         """Copy the log into the database file, in a thread with its own connection
-        (opened at the first checkpoint: an idle daemon keeps neither it nor a thread)."""
-        if self.path == MEMORY or self._checkpointing or not self._commits:
+        (opened at the first checkpoint: an idle daemon keeps neither it nor a thread).
+
+        PASSIVE, beside the commits, when anything was committed since the last one. But
+        a log written to while it is copied can never be rewound: once it has grown past
+        wal_limit, commits wait (TRUNCATING) and a TRUNCATE checkpoint copies the rest
+        and empties the file. So the log never grows beyond wal_limit and one commit."""
+        if self.path == MEMORY or self._checkpointing:
             return
-        if self._checkpointer is None:
-            self._checkpointer = sqlite3.connect(self.path, check_same_thread=False)
+        truncate = self._held == TRUNCATING
+        if not self.file_ok:  # the file at the path is not the database kmsd writes
+            return
+        if not truncate and not self._commits:
+            return
+        try:
+            checkpointer = self._checkpoint_connection()
+        except sqlite3.Error as exc:
+            self._checkpointed(truncate, exc)
+            return
+        mode = "TRUNCATE" if truncate else "PASSIVE"
         self._commits = 0
         self._checkpointing = True
+        busy: list[int] = []
 
-        def checkpointed(error: BaseException | None) -> None:
-            self._checkpointing = False
-            if error is not None:
-                log.warning("checkpoint failed", error=str(error))
+        def run() -> None:
+            busy.append(checkpointer.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()[0])
 
-        self._in_thread(
-            self._checkpointer.execute, "PRAGMA wal_checkpoint(PASSIVE)", then=checkpointed
-        )
+        self._in_thread(run, then=lambda error: self._checkpointed(truncate, error, busy))
+
+    def _checkpointed(
+        self, truncated: bool, error: BaseException | None, busy: list[int] | None = None
+    ) -> None:
+        self._checkpointing = False
+        if error is not None:
+            if self.checkpoint_ok:
+                log.error("checkpoints fail; the log grows until they work", error=str(error))
+            self.checkpoint_ok = False
+            if self._checkpointer is not None:  # opened again for the next one
+                self._checkpointer.close()
+                self._checkpointer = None
+        elif not self.checkpoint_ok:
+            log.info("checkpoints work again")
+            self.checkpoint_ok = True
+        if self._held != TRUNCATING:
+            return
+        if not truncated:  # a PASSIVE one ran when the log grew too long: now truncate
+            self._checkpoint()
+            return
+        if error is not None or (busy and busy[0]):
+            self._truncate_after = time.monotonic() + RETRY_SECONDS
+            if error is None:
+                log.warning(
+                    "the log was not truncated: a reader of the database kept it",
+                    retry_in_s=RETRY_SECONDS,
+                )
+        self._release()
+
+    def _checkpoint_connection(self) -> sqlite3.Connection:
+        if self._checkpointer is None:
+            self._checkpointer = sqlite3.connect(
+                f"file:{quote(self.path)}?mode=rw",
+                uri=True,
+                timeout=CHECKPOINT_BUSY,
+                check_same_thread=False,
+            )
+        return self._checkpointer
+
+    def _release(self) -> None:
+        """Commits go on after a truncation or a recovery."""
+        self._held = None
+        if self._items or self._waiting is not None:
+            self._schedule()
+
+    def _wal_size(self) -> int:
+        if self.path == MEMORY:
+            return 0
+        try:
+            return os.stat(f"{self.path}-wal").st_size
+        except OSError:  # none yet, or the database is gone (the poll notices)
+            return 0
+
+    def check_access(self) -> None:
+        """Check that every connection the store opens later can be opened (kmsd opened
+        this one before it changed user): the checkpoints' one, checkpointing once."""
+        if self.path == MEMORY:
+            return
+        try:
+            self._checkpoint_connection().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        except sqlite3.Error as exc:
+            if self._checkpointer is not None:
+                self._checkpointer.close()
+                self._checkpointer = None
+            raise StoreError(
+                f"{self.path}: cannot be opened by uid {os.getuid()}: {exc}. The user needs "
+                "to search every directory above it and to write the directory and its files"
+            ) from None
+
+    def checks(self) -> dict[str, bool]:
+        """The store's parts that work (for /readyz): commits, checkpoints, the file."""
+        return {
+            "last_commit_ok": self.commit_ok,
+            "checkpoint_ok": self.checkpoint_ok,
+            "database_file_ok": self.file_ok,
+        }
+
+    # A database file deleted under kmsd ---------------------------------------------
+
+    def _watch_file(self) -> None:
+        """Notice the database file deleted or replaced: commits would go on into a file
+        nobody can open again, and be lost at the next start."""
+        if self.path == MEMORY or self._held is not None:
+            return
+        try:
+            now = _identity(self.path)
+        except OSError as exc:  # cannot tell (the commits say more, if anything is wrong)
+            log.debug("cannot look at the database file", error=str(exc))
+            return
+        if now == self._file:
+            return
+        if now is not None:
+            if self.file_ok:
+                log.error(
+                    "another file took the database's place; kmsd keeps writing to the one it "
+                    "opened: move the new one away (kmsd then writes its table there again), "
+                    "or restart kmsd to serve from it",
+                    path=self.path,
+                )
+            self.file_ok = False
+            return
+        if time.monotonic() < self._recover_after:
+            return
+        if self.file_ok:
+            log.error(
+                "the database file was deleted; writing the whole database to a new one",
+                path=self.path,
+            )
+        self.file_ok = False
+        self._held = RECOVERING
+        self._recover()
+
+    def _recover(self) -> None:
+        """Copy the database, as this connection still sees it (the deleted file lives on
+        while it is open), to a new file at the path, in a thread, once no checkpoint and
+        no flush runs; then serve from it. Commits and admin commands wait meanwhile."""
+        if self._held != RECOVERING or self._recovering:
+            return
+        if self._checkpointing or self._syncing:
+            return  # the next poll tries again
+        self._recovering = True
+        temporary = f"{self.path}.new"
+        opened: list[sqlite3.Connection] = []
+
+        def copy() -> None:
+            if self.settings.create_directory:
+                Path(self.path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)
+            target = sqlite3.connect(temporary)
+            try:
+                self.db.backup(target)
+            finally:
+                target.close()
+            # The deleted database is closed before the copy takes its place: at close,
+            # SQLite removes the -wal and -shm files of that name, if any are left.
+            if self._checkpointer is not None:
+                self._checkpointer.close()
+                self._checkpointer = None
+            self.db.close()
+            os.replace(temporary, self.path)
+            opened.append(connect(self.path, create=False, synchronous="normal"))
+
+        self._in_thread(copy, then=lambda error: self._recovered(opened, error))
+
+    def _recovered(self, opened: list[sqlite3.Connection], error: BaseException | None) -> None:
+        self._recovering = False
+        if opened:
+            self.db = opened[0]
+            self._file = _identity(self.path)
+            try:
+                self._prepare()
+                self._data_version = self.db.execute("PRAGMA data_version").fetchone()[0]
+            except sqlite3.Error as exc:  # the commits will tell, and be retried
+                log.error("the new database file does not take writes", error=str(exc))
+            self._commits += 1  # _prepare wrote to the new log
+            if self._wal_fd is not None:
+                os.close(self._wal_fd)  # the deleted log's
+                self._wal_fd = None
+            self._release_lock()
+            self._lock = lock_file(self.path)
+            if self._lock is None:
+                log.error("another kmsd holds the lock of the new database", path=self.path)
+        if error is not None and not opened:
+            # Failed before the deleted database was closed, the next try copies what
+            # was committed to it meanwhile; after (the copy could not be put in place or
+            # opened: rare), the commits fail and kmsd needs a restart.
+            self._recover_after = time.monotonic() + RETRY_SECONDS
+            log.error(
+                "cannot write the database to a new file",
+                path=self.path,
+                error=str(error),
+                retry_in_s=RETRY_SECONDS,
+            )
+        else:
+            self.file_ok = True
+            log.warning("the database was written to a new file", path=self.path)
+        self._release()
 
     def _in_thread(
         self,
@@ -597,6 +847,8 @@ class SqliteStore:
     def _poll(self) -> None:
         assert self._loop is not None
         self._poller = self._loop.call_later(POLL_SECONDS, self._poll)
+        self._watch_file()
+        self._recover()
         self._poll_commands()
         self._checkpoint()
 
@@ -618,7 +870,7 @@ class SqliteStore:
     def _poll_commands(self) -> None:
         """Apply admin commands written by other processes (PRAGMA data_version changes
         only when another connection has committed)."""
-        if self.path == MEMORY:
+        if self.path == MEMORY or self._held is not None:
             return
         try:
             current = self.db.execute("PRAGMA data_version").fetchone()[0]

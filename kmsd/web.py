@@ -304,7 +304,7 @@ class AdminServer:
     def ready(self) -> tuple[bool, dict[str, bool]]:
         checks = {"listening": self.kms.serving}
         if self.store is not None:
-            checks["last_commit_ok"] = self.store.commit_ok
+            checks.update(self.store.checks())
         return all(checks.values()), checks
 
     async def api_clients(self, query: dict[str, list[str]]) -> Response:

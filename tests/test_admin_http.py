@@ -350,7 +350,12 @@ async def test_health_and_readiness(served: Served) -> None:
     ready = await get_json(served.address, "/readyz")
     assert ready == {
         "ready": True,
-        "checks": {"listening": True, "last_commit_ok": True},
+        "checks": {
+            "listening": True,
+            "last_commit_ok": True,
+            "checkpoint_ok": True,
+            "database_file_ok": True,
+        },
     }
     # A commit that fails makes the host not ready, until a commit succeeds again.
     blocker = sqlite3.connect(served.path, timeout=0)
@@ -377,6 +382,33 @@ async def test_health_and_readiness(served: Served) -> None:
     await served.kms.stop()
     status, _, body = await http(served.address, "/readyz")
     assert status == 503 and json.loads(body)["checks"]["listening"] is False
+
+
+async def test_failing_checkpoints_make_the_host_not_ready(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As when kmsd changed user and cannot open the database again: commits work on the
+    connection opened before, checkpoints do not, and the log grows."""
+
+    def cannot_open() -> sqlite3.Connection:
+        raise sqlite3.OperationalError("unable to open database file")
+
+    monkeypatch.setattr(served.store, "_checkpoint_connection", cannot_open)
+    await _activate(served)  # a commit: a checkpoint is due
+
+    async def not_ready() -> bool:
+        return (await http(served.address, "/readyz"))[0] == 503
+
+    await until(not_ready, "readyz 503 while checkpoints fail")
+    checks = (await http(served.address, "/readyz"))[2]
+    assert json.loads(checks)["checks"]["checkpoint_ok"] is False
+    monkeypatch.undo()
+    await _activate(served)
+
+    async def ready_again() -> bool:
+        return (await http(served.address, "/readyz"))[0] == 200
+
+    await until(ready_again, "readyz 200 once a checkpoint works")
 
 
 async def _activate(served: Served) -> None:

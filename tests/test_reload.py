@@ -6,9 +6,11 @@ import asyncio
 import io
 import os
 import pwd
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import cast
 
@@ -157,9 +159,14 @@ def status_ids(pid: int) -> dict[str, list[int]]:
 
 
 @as_root
-async def test_root_drops_to_user_after_binding(tmp_path: Path) -> None:
+async def test_root_drops_to_user_after_binding(request: pytest.FixtureRequest) -> None:
     nobody = pwd.getpwnam("nobody")
-    state = tmp_path / "kmsd"
+    # Outside pytest's directory, which only root may enter: the user must reach the
+    # database (tests/test_store.py: what happens when it cannot).
+    base = Path(tempfile.mkdtemp())
+    base.chmod(0o755)
+    request.addfinalizer(lambda: shutil.rmtree(base))
+    state = base / "kmsd"
     state.mkdir(mode=0o700)
     db = state / "kmsd.db"
     kmsd = start_kmsd("--user", "nobody", db=str(db))

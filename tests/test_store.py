@@ -7,8 +7,11 @@ import dataclasses
 import json
 import os
 import random
+import shutil
 import signal
 import sqlite3
+import subprocess
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -28,7 +31,14 @@ from kmsd.protocol.client import base_request
 from kmsd.protocol.kms import BaseRequest, encode_request
 from kmsd.protocol.products import products
 from kmsd.store import MIGRATIONS, SCHEMA_VERSION, SqliteStore, StoreError
-from tests.conftest import make_host, run_kmsd, start_kmsd, stop_kmsd, table_settings
+from tests.conftest import (
+    KmsdProcess,
+    make_host,
+    run_kmsd,
+    start_kmsd,
+    stop_kmsd,
+    table_settings,
+)
 
 DB = products()
 WIN = DB.sku_by_name("Windows 10/11 Enterprise")
@@ -597,7 +607,7 @@ async def test_memory_stays_flat_whatever_ids_clients_send(tmp_path: Path) -> No
     nothing the store keeps grows with the number of distinct IDs seen."""
     import tracemalloc
 
-    store = SqliteStore(str(tmp_path / "kmsd.db"), known=KNOWN)
+    store = SqliteStore(table_settings(tmp_path / "kmsd.db"), known=KNOWN)
     store.start(asyncio.get_running_loop())
     rng = random.Random(16)
 
@@ -622,3 +632,129 @@ async def test_memory_stays_flat_whatever_ids_clients_send(tmp_path: Path) -> No
     grown = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
     assert grown < 64 * 1024, f"{grown} bytes more after 3,000 more distinct IDs"
     await store.close()
+
+
+# The log stays bounded, the database file is watched, a user must reach the database.
+
+
+async def test_the_log_stays_within_its_limit_under_sustained_commits(tmp_path: Path) -> None:
+    path = tmp_path / "kmsd.db"
+    limit = 256 * 1024
+    store = SqliteStore(table_settings(path, capacity=100_000, wal_limit=limit), known=KNOWN)
+    store.start(asyncio.get_running_loop())
+    log = Path(f"{path}-wal")
+    peak = 0
+    clients = []
+    for i in range(1500):  # commits back to back, as under full load
+        for _ in range(4):
+            clients.append(request())
+            store.count(clients[-1], NOW + i, "127.0.0.1:1")
+        await asyncio.wait_for(store.barrier(), 10)
+        peak = max(peak, log.stat().st_size)
+    await store.close()
+    one_commit = 128 * 1024  # 4 clients: each a leaf, its parents, maybe a split
+    assert peak <= limit + one_commit, f"log reached {peak} bytes"
+    stored = {r[0] for r in rows(path, "SELECT client FROM records")}
+    assert stored == {str(c.client_machine_id) for c in clients}
+
+
+as_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+
+
+@as_root
+def test_a_user_who_cannot_reach_the_database_is_refused_at_start(tmp_path: Path) -> None:
+    """As with the default database under root's home: kmsd opened it as root, the user
+    it becomes cannot open it again (pytest's directory is root's, mode 0700)."""
+    db = tmp_path / "kmsd" / "kmsd.db"
+    db.parent.mkdir(mode=0o700)  # handed to the user, as kmsd's own state directory
+    result = run_kmsd("--user", "nobody", "--listen", "127.0.0.1:0", "--db", str(db))
+    assert result.returncode == 1
+    assert f"{db}: cannot be opened by uid 65534" in result.stderr
+    assert "search every directory above it" in result.stderr
+
+
+def immutable(path: Path) -> bool:
+    """chattr +i (root, on a file system that has the attribute)."""
+    return subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode == 0
+
+
+@as_root
+def test_an_immutable_database_is_refused_at_start(tmp_path: Path) -> None:
+    path = tmp_path / "kmsd.db"
+    SqliteStore(table_settings(path)).db.close()
+    if not immutable(path):
+        pytest.skip("chattr +i does not work here")
+    try:
+        result = run_kmsd("--listen", "127.0.0.1:0", "--db", str(path))
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+    assert result.returncode == 1
+    assert "kmsd cannot write to this database" in result.stderr
+    assert "immutable" in result.stderr
+
+
+@as_root
+def test_a_database_on_a_read_only_mount_is_refused_at_start(tmp_path: Path) -> None:
+    """A read-only bind mount in a private mount namespace (unshare -m), as root in CI."""
+    path = tmp_path / "kmsd.db"
+    SqliteStore(table_settings(path)).db.close()
+    script = (
+        f"mount --bind {tmp_path} {tmp_path} && mount -o remount,bind,ro {tmp_path} && "
+        f"exec {sys.executable} -m kmsd --listen 127.0.0.1:0 --db {path}"
+    )
+    result = subprocess.run(
+        ["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=30
+    )
+    if "mount" in result.stderr and "kmsd" not in result.stderr:
+        pytest.skip(f"no private read-only mount here: {result.stderr.strip()}")
+    assert result.returncode == 1
+    assert f"{path}: cannot create its lock file" in result.stderr
+    assert "read-only" in result.stderr
+
+
+async def test_a_deleted_database_is_written_again_and_nothing_is_lost(tmp_path: Path) -> None:
+    from tests.test_admin_http import admin_address, http
+
+    path = tmp_path / "kmsd.db"
+    kmsd = start_kmsd("--admin", "127.0.0.1:0", db=str(path))
+    clients: list[str] = []
+
+    async def activate_one(daemon: KmsdProcess | None = None) -> None:
+        assert WIN
+        base = base_request(WIN)
+        daemon = daemon or kmsd
+        conn = await KmsConnection.open(daemon.host, daemon.port)
+        try:
+            await asyncio.wait_for(conn.activate(base), 10)
+        finally:
+            await conn.close()
+        clients.append(str(base.client_machine_id))
+
+    try:
+        address = admin_address(kmsd)
+        for _ in range(3):
+            await activate_one()
+        # Where the copy goes first, a directory: the first tries fail, deterministically.
+        (tmp_path / "kmsd.db.new" / "in-the-way").mkdir(parents=True)
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+        for _ in range(2):
+            await activate_one()  # answered: committed to the deleted file meanwhile
+        await asyncio.to_thread(kmsd.read_log_until, "cannot write the database to a new file")
+        status, _, body = await http(address, "/readyz")
+        assert status == 503 and json.loads(body)["checks"]["database_file_ok"] is False
+        shutil.rmtree(tmp_path / "kmsd.db.new")
+        await asyncio.to_thread(kmsd.read_log_until, "the database was written to a new file", 15)
+        status, _, body = await http(address, "/readyz")
+        assert status == 200, body
+        await activate_one()
+    finally:
+        assert stop_kmsd(kmsd) == 0
+    deleted = [e for e in kmsd.log if str(e["event"]).startswith("the database file was deleted")]
+    assert len(deleted) == 1 and deleted[0]["level"] == "error"
+    assert {r[0] for r in rows(path, "SELECT client FROM records")} == set(clients)
+    again = start_kmsd(db=str(path))  # and a restart serves from it
+    try:
+        await activate_one(again)
+    finally:
+        assert stop_kmsd(again) == 0
