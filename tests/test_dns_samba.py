@@ -21,11 +21,15 @@ from pathlib import Path
 import pytest
 
 from kmsclient import cli as kmsclient_cli
+from kmsd.dns import gss
+from kmsd.dns.check import noop_update
+from kmsd.dns.gss import GssCredentials, GssSigner
+from kmsd.dns.publish import exchange, send_update
 
 from . import bind as bind_server
 from . import samba as samba_dc
 from .bind import Bind
-from .conftest import KmsdProcess, run_kmsd, start_kmsd, stop_kmsd
+from .conftest import KmsdProcess, publish_settings, run_kmsd, start_kmsd, stop_kmsd
 from .samba import DOMAIN, REALM, Samba
 
 SRV_NAME = f"_vlmcs._tcp.{DOMAIN}"
@@ -280,3 +284,25 @@ def test_dns_check_reports_each_target(lab: Lab, bind: Bind) -> None:
     )
     assert ": FAILED: GSSAPI: unknown principal: " in lines[2]
     assert samba_dig_all(lab.samba) == []  # nothing was published or left behind
+
+
+async def test_a_context_lasts_as_long_as_its_ticket_and_is_renewed_before_it_ends(
+    lab: Lab, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    short = tmp_path / "krb5.conf"
+    text = lab.samba.krb5_conf.read_text()
+    short.write_text(text.replace("[libdefaults]", "[libdefaults]\n    ticket_lifetime = 600s"))
+    monkeypatch.setenv("KRB5_CONFIG", str(short))
+    ccache = f"FILE:{tmp_path / 'ccache'}"  # this test's own tickets
+    creds = GssCredentials(f"KMS1$@{REALM}", keytab=lab.keytabs["KMS1"], ccache=ccache)
+    now = [time.time()]
+    signer = GssSigner(creds, clock=lambda: now[0])
+    service = f"DNS@dc1.{DOMAIN}"
+    first = await signer.signing_key(lab.samba.server, service, exchange)
+    assert 500 < signer.expires - now[0] <= 600  # the ticket's lifetime, not TKEY's
+    assert await signer.signing_key(lab.samba.server, service, exchange) is first
+    now[0] = signer.expires - gss.RENEW_MARGIN  # the ticket is about to end
+    second = await signer.signing_key(lab.samba.server, service, exchange)
+    assert second.name != first.name
+    settings = publish_settings(DOMAIN, server=lab.samba.server, gss=creds)
+    await send_update(noop_update(settings, second), lab.samba.server)  # the new one signs
