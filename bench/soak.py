@@ -1,8 +1,11 @@
 """Soak: a steady, bounded load with client churn against kmsd for a long while.
 
-Every --sample seconds it prints the server's RSS, open file descriptors, threads and the
-activations so far; at the end it checks the counts the host reported against its own
-client table (`kmsd stats`) and against what the client side expects.
+Every --sample seconds it prints the server's RSS, open file descriptors, threads, the
+sizes of its database and of the database's write-ahead log (kmsd.db-wal) and the
+activations so far; at the end it prints those figures at the start and at the end, and
+checks the counts the host reported against its own client table (`kmsd stats`) and
+against what the client side expects. kmsd runs in its default configuration (a durable
+database in a temporary directory, info log to a file).
 
     python bench/soak.py --duration 1800 --rate 200
 """
@@ -18,6 +21,7 @@ import subprocess
 import sys
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,16 +43,46 @@ SKUS = [
 ]
 
 
-def proc_figures(pid: int) -> tuple[int, int, int]:
-    """RSS (KiB), open file descriptors, threads of a process."""
-    status = Path(f"/proc/{pid}/status").read_text()
-    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-    rss = int(fields["VmRSS"].split()[0])
-    threads = int(fields["Threads"])
-    return rss, len(os.listdir(f"/proc/{pid}/fd")), threads
+MIB = 1024 * 1024
 
 
-async def soak(port: int, pid: int, args: argparse.Namespace) -> dict[str, int]:
+@dataclass(frozen=True)
+class Sample:
+    """The server's figures at one moment."""
+
+    rss: int  # bytes
+    fds: int
+    threads: int
+    db: int  # bytes of the database file
+    wal: int  # bytes of its write-ahead log (0 when there is none)
+
+    @classmethod
+    def take(cls, pid: int, db: str) -> Sample:
+        status = Path(f"/proc/{pid}/status").read_text()
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        return cls(
+            rss=int(fields["VmRSS"].split()[0]) * 1024,
+            fds=len(os.listdir(f"/proc/{pid}/fd")),
+            threads=int(fields["Threads"]),
+            db=file_size(db),
+            wal=file_size(f"{db}-wal"),
+        )
+
+    def line(self) -> str:
+        return (
+            f"RSS {self.rss / MIB:6.1f} MiB  fds {self.fds:4d}  threads {self.threads}  "
+            f"DB {self.db / MIB:7.2f} MiB  WAL {self.wal / MIB:7.2f} MiB"
+        )
+
+
+def file_size(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except FileNotFoundError:
+        return 0
+
+
+async def soak(port: int, pid: int, db: str, args: argparse.Namespace) -> dict[str, int]:
     rng = random.Random(args.seed)
     pool = [uuid.uuid4() for _ in range(args.clients)]  # the machines of the lab
     done = errors = 0
@@ -57,12 +91,12 @@ async def soak(port: int, pid: int, args: argparse.Namespace) -> dict[str, int]:
     start = time.monotonic()
     next_sample = start
     interval = 1.0 / args.rate
+    first = Sample.take(pid, db)
     while (now := time.monotonic()) - start < args.duration and done < args.max_activations:
         if now >= next_sample:
-            rss, fds, threads = proc_figures(pid)
+            sample = Sample.take(pid, db)
             print(
-                f"{now - start:7.0f} s  activations {done:8d}  errors {errors:4d}  "
-                f"RSS {rss / 1024:6.1f} MiB  fds {fds:4d}  threads {threads}",
+                f"{now - start:7.0f} s  activations {done:8d}  errors {errors:4d}  {sample.line()}",
                 flush=True,
             )
             next_sample += args.sample
@@ -92,7 +126,10 @@ async def soak(port: int, pid: int, args: argparse.Namespace) -> dict[str, int]:
         await asyncio.sleep(max(0.0, start + done * interval - time.monotonic()))
     if kept is not None:
         await kept.close()
+    last = Sample.take(pid, db)  # while kmsd still runs, before it closes its database
     print(f"done: {done} activations, {errors} errors in {time.monotonic() - start:.0f} s")
+    print(f"start: {first.line()}")
+    print(f"end:   {last.line()}")
     return last_count
 
 
@@ -112,7 +149,7 @@ def main() -> None:
     args = p.parse_args()
     args.duration = min(args.duration, 4 * 3600)
     with running_kmsd() as kmsd:  # the default configuration
-        reported = asyncio.run(soak(kmsd.port, kmsd.process.pid, args))
+        reported = asyncio.run(soak(kmsd.port, kmsd.process.pid, kmsd.db, args))
         stats = json.loads(
             subprocess.run(
                 [sys.executable, "-m", "kmsd", "stats", "--db", kmsd.db, "--json"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -100,3 +101,28 @@ def test_hostile_benchmark_runs_each_case() -> None:
     assert "legitimate, 30 hostile open" in out
     assert out.count("legitimate success: 3 of 3 = 100.0 %") == 2  # lockout, probes
     assert "logflood:" in out and "lines/s" in out
+
+
+def test_soak_prints_rss_database_and_wal_sizes() -> None:
+    """bench/soak.py, a few seconds: every sample and the summary carry the RSS, the
+    database's and the WAL's sizes, and the counts agree with the client table."""
+    result = subprocess.run(
+        [
+            *(sys.executable, str(BENCH.parent / "soak.py"), "--max-activations", "60"),
+            *("--rate", "40", "--duration", "60", "--sample", "0.5"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    samples = [line for line in lines if " s  activations " in line]
+    summary = [line for line in lines if line.startswith(("start: ", "end: "))]
+    assert len(samples) >= 2 and len(summary) == 2
+    for line in samples + summary:
+        assert re.search(r"RSS +[0-9.]+ MiB .* DB +[0-9.]+ MiB  WAL +[0-9.]+ MiB$", line), line
+    assert float(summary[1].split("WAL")[1].split()[0]) > 0  # the store wrote through its WAL
+    assert "done: 60 activations, 0 errors" in result.stdout
+    assert "DIFFERENT" not in result.stdout and "consistent" in result.stdout
