@@ -95,3 +95,13 @@ def test_the_daemon_imports_nothing_of_the_client() -> None:
         for module, path in modules("kmsd")
     }
     assert {m: names for m, names in wrong.items() if names} == {}
+
+
+def test_the_core_touches_no_socket_process_or_database() -> None:
+    io = ("asyncio", "selectors", "socket", "ssl", "subprocess", "sqlite3")
+    wrong = {
+        module: sorted(n for n in imports(module, path) if any(within(n, m) for m in io))
+        for module, path in modules("kmsd")
+        if within(module, "kmsd.protocol")
+    }
+    assert {m: names for m, names in wrong.items() if names} == {}
