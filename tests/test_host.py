@@ -59,15 +59,34 @@ def test_epid_is_valid_stable_and_per_host_key() -> None:
     assert ask(host, base_request(OFFICE, now=NOW))[1] == office_epid
 
 
+GOOD_EPID = "03612-00206-556-123727-03-1033-17763.0000-2972018"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        GOOD_EPID + "\n",  # `$` alone matches before a final newline
+        "\n" + GOOD_EPID,
+        GOOD_EPID.replace("03612", "\u0660\u0663\u0666\u0661\u0662"),  # Arabic-Indic digits
+        GOOD_EPID.replace("2972018", "297\uff12\uff10\uff11\uff18"),  # fullwidth digits
+        GOOD_EPID.replace("1033", "\u0967\u0966\u0969\u0969"),  # Devanagari digits
+    ],
+)
+def test_epid_parser_takes_only_ascii_digits_and_nothing_after(text: str) -> None:
+    assert parse_epid(GOOD_EPID).activated.isoformat() == "2018-10-24"
+    with pytest.raises(ValueError, match="does not have the form"):
+        parse_epid(text)
+
+
 def test_epid_override_per_kms_id_and_intervals() -> None:
     assert WIN
     host = make_host(HostPolicy(activation_interval=30, renewal_interval=1440))
-    host.identity.overrides[WIN.kms.id] = "03612-00206-556-123727-03-1033-17763.0000-2972018"
+    host.identity.overrides[WIN.kms.id] = GOOD_EPID
     base = base_request(WIN, now=NOW)
     iv = os.urandom(16)
     payload, _ = host.answer(encode_request(base, iv=iv), NOW)
     reply = decode_response(base, iv, payload).base
-    assert reply.epid == "03612-00206-556-123727-03-1033-17763.0000-2972018"
+    assert reply.epid == GOOD_EPID
     assert (reply.activation_interval, reply.renewal_interval) == (30, 1440)
 
 

@@ -9,9 +9,11 @@ from dataclasses import dataclass
 from .crypto import RandomSource
 from .products import Csvlk
 
+# ASCII digits only (\d would take any Unicode digit, which int() then reads), matched
+# over the whole text (fullmatch: `$` would let a trailing newline through).
 _EPID = re.compile(
-    r"^(?P<platform>\d{5})-(?P<group>\d{5})-(?P<key_hi>\d{3})-(?P<key_lo>\d{6})-03-"
-    r"(?P<lcid>\d{1,5})-(?P<build>\d{4,5})\.0000-(?P<day>\d{3})(?P<year>\d{4})$"
+    r"(?P<platform>[0-9]{5})-(?P<group>[0-9]{5})-(?P<key_hi>[0-9]{3})-(?P<key_lo>[0-9]{6})-03-"
+    r"(?P<lcid>[0-9]{1,5})-(?P<build>[0-9]{4,5})\.0000-(?P<day>[0-9]{3})(?P<year>[0-9]{4})"
 )
 DEFAULT_LCID = 1033
 
@@ -47,7 +49,7 @@ class Epid:
 
 def parse_epid(text: str) -> Epid:
     """Parse and check an ePID's structure; raises ValueError naming what is wrong."""
-    m = _EPID.match(text)
+    m = _EPID.fullmatch(text)
     if m is None:
         raise ValueError(
             f"ePID {text!r} does not have the form "
