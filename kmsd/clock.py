@@ -8,7 +8,10 @@ expires records and checks request times on the same virtual clock.
 from __future__ import annotations
 
 import contextlib
+import math
 from pathlib import Path
+
+from .files import read_small
 
 
 class ClockFileError(OSError):
@@ -16,10 +19,16 @@ class ClockFileError(OSError):
 
 
 def read_clock(path: Path) -> float:
+    """The Unix time in `path`: a finite number (NaN or infinity would stop every commit)."""
     try:
-        return float(path.read_text("ascii").strip())
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        value = float(read_small(path, 64).decode("ascii").strip())
+    except OSError as exc:
+        raise ClockFileError(f"clock file {path}: {exc.strerror}") from None
+    except (UnicodeDecodeError, ValueError) as exc:
         raise ClockFileError(f"clock file {path}: {exc}") from None
+    if not math.isfinite(value) or value < 0:
+        raise ClockFileError(f"clock file {path}: {value!r} is not a Unix time")
+    return value
 
 
 class FileClock:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import math
 import os
 import socket
 import tomllib
@@ -148,17 +149,17 @@ def parse_user(text: str) -> str:
     return text
 
 
-def number(
-    kind: type[int] | type[float], low: float, high: float | None = None
-) -> Callable[[str], Any]:
+def number(kind: type[int] | type[float], low: float, high: float) -> Callable[[str], Any]:
+    """A whole or real number in [low, high], never NaN or infinite: each option's range
+    is what fits where its value goes (a wire field, a timer, a date)."""
+
     def convert(text: str) -> int | float:
         try:
             value = kind(text)
         except ValueError:
             raise ValueError(f"{text!r} is not a{' whole' if kind is int else ''} number") from None
-        if value < low or (high is not None and value > high):
-            span = f"at least {low:g}" if high is None else f"between {low:g} and {high:g}"
-            raise ValueError(f"{text!r} must be {span}")
+        if not math.isfinite(value) or not low <= value <= high:
+            raise ValueError(f"{text!r} must be between {low:g} and {high:g}")
         return value
 
     return convert
@@ -311,6 +312,12 @@ def _epid_show(value: tuple[UUID, str]) -> str:
     return f"{value[0]}={value[1]}"
 
 
+UINT32_MAX = 0xFFFFFFFF  # counts and intervals travel in 32-bit unsigned fields
+COUNT_MAX = 0x7FFFFFFF  # table size and precharge: their sum still fits the count field
+CONNECTIONS_MAX = 1_000_000  # more than any system's file descriptors
+SECONDS_MAX = 7 * DAY  # timeouts and re-publication intervals
+DAYS_MAX = 36500.0  # lifetimes, history and clock skew: under a century
+
 OPTIONS: tuple[Option, ...] = (
     Option(
         "listen",
@@ -325,7 +332,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "idle_timeout",
         "network",
-        number(float, 0.001),
+        number(float, 0.001, SECONDS_MAX),
         30.0,
         "close a connection after this many seconds without data",
         "SECONDS",
@@ -333,7 +340,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "read_timeout",
         "network",
-        number(float, 0.001),
+        number(float, 0.001, SECONDS_MAX),
         10.0,
         "close a connection whose PDU is still incomplete after this many seconds (slow senders)",
         "SECONDS",
@@ -341,7 +348,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "max_connections",
         "network",
-        number(int, 1),
+        number(int, 1, CONNECTIONS_MAX),
         1000,
         "connections served at once; when all are taken, the address holding the most "
         "gives one up for a newcomer (its oldest without a request, else its idle longest)",
@@ -350,7 +357,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "max_connections_per_ip",
         "network",
-        number(int, 1),
+        number(int, 1, CONNECTIONS_MAX),
         64,
         "connections served at once from one address (an IPv6 /64 counts as one); more are refused",
         "N",
@@ -358,7 +365,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "rate_per_ip",
         "network",
-        number(float, 0),
+        number(float, 0, 1e9),
         0.0,
         "activation requests per second from one address (bursts of twice that); more "
         "get an RPC 'server too busy' fault; 0: unlimited",
@@ -413,7 +420,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "activation_interval",
         "host",
-        number(int, 1),
+        number(int, 1, UINT32_MAX),
         DEFAULT_ACTIVATION_INTERVAL,
         "minutes an unactivated client waits before it retries",
         "MINUTES",
@@ -422,7 +429,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "renewal_interval",
         "host",
-        number(int, 1),
+        number(int, 1, UINT32_MAX),
         DEFAULT_RENEWAL_INTERVAL,
         "minutes between renewals of an activated client",
         "MINUTES",
@@ -462,7 +469,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "max_clock_skew",
         "host",
-        number(float, 0.001),
+        number(float, 0.001, DAYS_MAX * 24),
         None,
         "refuse requests whose time is further off than this many hours with 0xC004F06C "
         "(a real host allows 4); default: accept any time",
@@ -499,7 +506,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "history_days",
         "table",
-        number(float, 0),
+        number(float, 0, DAYS_MAX),
         180.0,
         "days kmsd keeps the last request of a client that is no longer in the table "
         "(kmsd clients shows the table; 0 keeps them for ever)",
@@ -530,7 +537,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "precharge",
         "table",
-        number(int, 0),
+        number(int, 0, COUNT_MAX),
         0,
         "lab override: report N more clients than counted, so that the first client "
         "already meets its threshold (24 for Windows clients)",
@@ -540,7 +547,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "fixed_count",
         "table",
-        number(int, 0),
+        number(int, 0, UINT32_MAX),
         None,
         "lab override: report this count to every client",
         "N",
@@ -549,7 +556,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "capacity",
         "table",
-        number(int, 1),
+        number(int, 1, COUNT_MAX),
         None,
         "lab override: a fixed table size instead of 2 x the highest threshold seen",
         "N",
@@ -557,7 +564,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "record_lifetime",
         "table",
-        number(float, 0.001),
+        number(float, 0.001, DAYS_MAX),
         RECORD_LIFETIME / DAY,
         "lab override: days a client's record counts (a real host: 30)",
         "DAYS",
@@ -675,7 +682,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "publish_interval",
         "dns",
-        number(float, 1),
+        number(float, 1, SECONDS_MAX),
         3600.0,
         "seconds between re-publications (the addresses are checked every minute, and "
         "published at once when they change)",

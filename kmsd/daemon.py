@@ -101,9 +101,10 @@ async def serve(
     publications.apply(settings.dns)
     if endpoint is not None:
         endpoint.watch_dns(publications)
+    reloader = None
     if effective is not None:
         reloader = reload.Reloader(cli or {}, effective, settings, host, publications)
-        loop.add_signal_handler(signal.SIGHUP, reloader.reload)
+        loop.add_signal_handler(signal.SIGHUP, reloader.request)
     log.info(
         "kmsd ready",
         version=__version__,
@@ -117,6 +118,8 @@ async def serve(
     await stop.wait()
     systemd.notify("STOPPING=1\nSTATUS=stopping")
     log.info("stopping", connections=len(server.connections))
+    if reloader is not None:
+        await reloader.stop()
     if endpoint is not None:
         await endpoint.stop()
     await publications.stop()  # clients stop being sent here before the host goes
