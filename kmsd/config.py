@@ -159,10 +159,15 @@ def number(kind: type[int] | type[float], low: float, high: float) -> Callable[[
         except ValueError:
             raise ValueError(f"{text!r} is not a{' whole' if kind is int else ''} number") from None
         if not math.isfinite(value) or not low <= value <= high:
-            raise ValueError(f"{text!r} must be between {low:g} and {high:g}")
+            raise ValueError(f"{text!r} must be between {_plain(low)} and {_plain(high)}")
         return value
 
     return convert
+
+
+def _plain(value: float) -> str:
+    """A bound as people write it: 4294967295, 0.001 (not 4.29497e+09)."""
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
 def parse_bool(text: str) -> bool:
