@@ -14,11 +14,12 @@ from typing import Any
 
 import pytest
 
-from kmsclient.session import base_request
+from kmsclient.session import KmsConnection
 from kmsd import config
 from kmsd.cli import build_parser
 from kmsd.clock import ClockFileError, FileClock
 from kmsd.host import KmsHost
+from kmsd.protocol.client import base_request
 from kmsd.protocol.kms import decode_response, encode_request
 from kmsd.protocol.products import products
 from kmsd.reload import Reloader
@@ -173,8 +174,6 @@ async def test_sighup_reads_the_files_in_a_thread(tmp_path: Path, monkeypatch: A
 
 
 async def activate(kmsd: KmsdProcess) -> int:
-    from kmsclient.session import KmsConnection
-
     assert WIN
     conn = await asyncio.wait_for(KmsConnection.open(kmsd.host, kmsd.port), 10)
     try:
@@ -184,6 +183,7 @@ async def activate(kmsd: KmsdProcess) -> int:
     return reply.base.activation_interval
 
 
+@pytest.mark.system
 async def test_a_fifo_for_a_configuration_file_does_not_stop_the_daemon(tmp_path: Path) -> None:
     file = tmp_path / "kmsd.toml"
     file.write_text("[host]\nactivation_interval = 60\n")
