@@ -197,7 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="distinct clients until the host's count reaches the product's threshold",
         epilog=EPILOG,
     )
-    chg.add_argument("host", type=_target, metavar="HOST[:PORT]")
+    chg.add_argument(
+        "host", type=_target, metavar="HOST[:PORT]", help="the KMS host (port 1688 by default)"
+    )
     _common(chg, single_client=True)
     chg.add_argument(
         "--max-clients",
@@ -222,7 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="exit status: 0 when every exchange succeeded, otherwise the status of the "
         "most severe failure (6, 4, 5); 2 for a usage error or a non-loopback host",
     )
-    load.add_argument("host", type=_target, metavar="HOST[:PORT]")
+    load.add_argument(
+        "host",
+        type=_target,
+        metavar="HOST[:PORT]",
+        help="the KMS host, on a loopback address (port 1688 by default)",
+    )
     _common(load, single_client=False)
     load.add_argument(
         "--protocols",

@@ -119,21 +119,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     return daemon.run(settings, effective, given)
 
 
-def run_command(name: str, argv: Sequence[str]) -> int:
-    names = COMMANDS[name].options
-    parents = [_options(names)]
+def command_parser(name: str) -> argparse.ArgumentParser:
+    """The command line of command `name`, with the kmsd options it takes."""
+    parents = [_options(COMMANDS[name].options)]
     if name == "dns-serve":
         from .dns import responder
 
-        parser = responder.build_parser(parents)
-    elif name in ("check-config", "dns-check"):
-        parser = argparse.ArgumentParser(
+        return responder.build_parser(parents)
+    if name in DESCRIPTIONS:
+        return argparse.ArgumentParser(
             prog=f"kmsd {name}", description=DESCRIPTIONS[name], parents=parents
         )
-    else:
-        from . import tablecmd
+    from . import tablecmd
 
-        parser = tablecmd.build_parser(name, parents)
+    return tablecmd.build_parser(name, parents)
+
+
+def run_command(name: str, argv: Sequence[str]) -> int:
+    names = COMMANDS[name].options
+    parser = command_parser(name)
     args = parser.parse_args(argv)
     given = _given(args, names)
     try:
@@ -144,6 +148,8 @@ def run_command(name: str, argv: Sequence[str]) -> int:
     except config.ConfigError as exc:
         return configuration_error(exc)
     if name == "dns-serve":
+        from .dns import responder
+
         return responder.run(args, parser, log.format, log.level)
     if name == "check-config":
         print(config.render(effective), end="")
@@ -152,6 +158,8 @@ def run_command(name: str, argv: Sequence[str]) -> int:
         from .dns import check
 
         return check.run(settings.dns, sys.stdout)
+    from . import tablecmd
+
     return tablecmd.run(name, args, settings.table)
 
 

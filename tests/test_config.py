@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import re
 import subprocess
 import sys
@@ -10,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from kmsd import config
+from kmsclient import cli as kmsclient_cli
+from kmsd import cli, config
 from kmsd.cli import build_parser
 from kmsd.protocol.products import products
 from tests.conftest import run_kmsd
@@ -211,3 +213,23 @@ def test_unusable_publish_key_is_a_configuration_error(tmp_path: Path) -> None:
         )
         assert result.returncode == 2, result.stderr
         assert f"dns.publish_key: {missing}: cannot read: No such file" in result.stderr
+
+
+def _undocumented(parser: argparse.ArgumentParser, where: str) -> list[str]:
+    """Arguments of `parser` (and of its subcommands) that --help shows without a text."""
+    missing = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                missing += _undocumented(sub, f"{where} {name}")
+        elif not action.help and action.help != argparse.SUPPRESS:
+            missing.append(f"{where}: {action.dest}")
+    return missing
+
+
+def test_every_argument_of_every_command_has_help_text() -> None:
+    missing = _undocumented(build_parser(), "kmsd")
+    for name in cli.COMMANDS:
+        missing += _undocumented(cli.command_parser(name), f"kmsd {name}")
+    missing += _undocumented(kmsclient_cli.build_parser(), "kmsclient")
+    assert not missing
