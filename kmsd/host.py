@@ -14,7 +14,7 @@ from .protocol.constants import DEFAULT_ACTIVATION_INTERVAL, DEFAULT_RENEWAL_INT
 from .protocol.crypto import RandomPool, RandomSource
 from .protocol.epid import generate_epid
 from .protocol.errors import HResult, KmsError
-from .protocol.kms import BaseRequest, BaseResponse, decode_request, encode_response
+from .protocol.kms import BaseRequest, BaseResponse, KmsRequest, decode_request, encode_response
 from .protocol.products import ProductDatabase, products
 
 
@@ -50,6 +50,19 @@ class HostPolicy:
     precharge: int = 0  # lab override: report as if this many other clients were counted
 
 
+@dataclass(frozen=True, slots=True)
+class _Product:
+    """What the product database says of one (application, SKU, KMS ID) triple."""
+
+    name: str
+    application: str
+    known: bool  # the KMS ID is in the database
+    csvlk: str  # the host key family that answers it
+
+
+_MAX_PRODUCTS = 4096  # triples remembered; a peer sending random IDs only refills the memo
+
+
 @dataclass(slots=True)  # made per request; not frozen, whose __init__ costs 3x
 class Activation:
     """One answered request, for logs and metrics."""
@@ -81,11 +94,30 @@ class KmsHost:
         self.policy = policy
         self.random = random or RandomPool()
         self.products = database or products()
+        # Keyed by the IDs' 48 bytes as sent: a lookup hashes bytes, not three UUIDs.
+        self._known_products: dict[bytes, _Product] = {}
 
     def epid_for(self, application: UUID, kms_id: UUID) -> str:
         if (epid := self.identity.overrides.get(kms_id)) is not None:
             return epid
         return self.identity.epids[self.products.csvlk_for(application, kms_id).key]
+
+    def _product(self, request: KmsRequest) -> _Product:
+        product = self._known_products.get(request.product_ids)
+        if product is None:
+            base, db = request.base, self.products
+            app = db.applications.get(base.application_id)
+            product = _Product(
+                db.product_name(base.sku_id, base.kms_id, base.application_id),
+                app.name if app else str(base.application_id),
+                base.kms_id in db.kms_items,
+                db.csvlk_for(base.application_id, base.kms_id).key,
+            )
+            if len(self._known_products) >= _MAX_PRODUCTS:
+                self._known_products.clear()
+            if request.product_ids:
+                self._known_products[request.product_ids] = product
+        return product
 
     def check(self, base: BaseRequest, now: float) -> None:
         """Apply the host's policy; raises KmsError with the HRESULT to answer."""
@@ -127,7 +159,11 @@ class KmsHost:
         request = decode_request(message, verify=self.policy.verify)
         base = request.base
         count = self.count(base, now, address)
-        epid = self.epid_for(base.application_id, base.kms_id)
+        product = self._product(request)
+        overrides = self.identity.overrides
+        epid = overrides.get(base.kms_id) if overrides else None
+        if epid is None:
+            epid = self.identity.epids[product.csvlk]
         response = BaseResponse(
             major=base.major,
             minor=base.minor,
@@ -147,13 +183,12 @@ class KmsHost:
         payload = encode_response(
             request, response, salt=salt, response_iv=response_iv, hwid=self.identity.hwid
         )
-        app = self.products.applications.get(base.application_id)
         activation = Activation(
             request=base,
             count=count,
             epid=epid,
-            product=self.products.product_name(base.sku_id, base.kms_id, base.application_id),
-            application=app.name if app else str(base.application_id),
-            known=base.kms_id in self.products.kms_items,
+            product=product.name,
+            application=product.application,
+            known=product.known,
         )
         return payload, activation

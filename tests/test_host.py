@@ -164,3 +164,25 @@ def test_short_request_is_invalid_data() -> None:
     with pytest.raises(KmsError) as info:
         make_host().answer(message[:100], NOW)
     assert info.value.hresult == HResult.INVALID_DATA
+
+
+def test_products_and_overrides_hold_when_asked_again() -> None:
+    """The host remembers what the product database says of each ID triple; what a
+    reload changes (ePID overrides) still applies to the next request."""
+    assert WIN
+    host = make_host()
+    unknown_sku = dataclasses.replace(base_request(WIN, now=NOW), sku_id=uuid.UUID(int=7))
+    first, again = (
+        host.answer(encode_request(unknown_sku, iv=os.urandom(16)), NOW)[1] for _ in "12"
+    )
+    assert (again.product, again.application, again.known) == (
+        first.product,
+        first.application,
+        first.known,
+    )
+    assert again.product == f"unknown SKU {uuid.UUID(int=7)} of {WIN.kms.name}"
+    override = "03612-00206-556-123727-03-1033-17763.0000-2972018"
+    host.identity.overrides = {WIN.kms.id: override}  # as a reload does
+    assert ask(host, base_request(WIN, now=NOW))[1] == override
+    host.identity.overrides = {}
+    assert ask(host, base_request(WIN, now=NOW))[1] != override

@@ -35,6 +35,7 @@ WORKSTATION_SIZE = 128
 V4_REQUEST_SIZE = BASE_REQUEST_SIZE + BLOCK  # 252
 V56_REQUEST_SIZE = 4 + BLOCK + BASE_REQUEST_SIZE + 4  # 260
 _REQUEST_PAD = b"\x04" * 4
+_PRODUCT_IDS = slice(16, 64)  # application, SKU and KMS IDs in a base request
 SUPPORTED_MAJORS = (4, 5, 6)
 
 
@@ -220,6 +221,7 @@ class KmsRequest:
     base: BaseRequest
     iv: bytes = b""  # V5/V6: the client's IV
     dc: bytes = b""  # V5/V6: Dk(IV), the raw block decryption of the client's IV
+    product_ids: bytes = b""  # the application, SKU and KMS IDs as sent (48 bytes)
 
 
 def request_version(message: bytes) -> tuple[int, int] | None:
@@ -262,7 +264,7 @@ def decode_request(message: bytes, *, verify: bool = True) -> KmsRequest:
             HResult.INVALID_DATA,
             f"inner version {base.major}.{base.minor} differs from outer {major}.{minor}",
         )
-    return KmsRequest(major, minor, base, iv, dc)
+    return KmsRequest(major, minor, base, iv, dc, raw[_PRODUCT_IDS])
 
 
 def encode_response(
