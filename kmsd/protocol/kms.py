@@ -48,6 +48,8 @@ def _guid(raw: bytes) -> UUID:
     return guid
 
 
+_NIL_BYTES = bytes(16)
+_NIL = UUID(int=0)
 _PRODUCT_GUIDS: dict[bytes, UUID] = {}
 _MAX_PRODUCT_GUIDS = 4096
 
@@ -125,20 +127,21 @@ class BaseRequest:
             previous,
             name,
         ) = _BASE_REQUEST.unpack_from(raw)
+        # Positional: the field order, cheaper than keywords on the per-request path.
         return cls(
-            major=major,
-            minor=minor,
-            is_vm=vm,
-            license_status=status,
-            binding_expiration=expiration,
-            application_id=_product_guid(app),
-            sku_id=_product_guid(sku),
-            kms_id=_product_guid(kms),
-            client_machine_id=_guid(cmid),
-            required_count=required,
-            request_time=time,
-            previous_client_machine_id=_guid(previous),
-            workstation=_utf16z_decode(name),
+            major,
+            minor,
+            vm,
+            status,
+            expiration,
+            _product_guid(app),
+            _product_guid(sku),
+            _product_guid(kms),
+            _guid(cmid),
+            required,
+            time,
+            _NIL if previous == _NIL_BYTES else _guid(previous),  # nearly always nil
+            _utf16z_decode(name),
         )
 
 
