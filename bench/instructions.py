@@ -313,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--warmup", type=int, default=60, help="activations per version before measuring"
     )
-    p.add_argument("--idle", type=float, default=3.0, help="seconds of idle measured")
+    p.add_argument("--idle", type=float, default=8.0, help="seconds of idle measured")
     p.add_argument("--vlmcs", metavar="PATH", help="use this vlmcs binary as the client")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per burst at most")
     p.add_argument("--startup-timeout", type=float, default=300.0)
