@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import fcntl
 import functools
+import math
 import os
 import sqlite3
 import time
@@ -106,6 +107,7 @@ RETRY_SECONDS = 5.0  # before another try at truncating the log or recreating th
 BUSY_MS = 100  # how long a commit waits for another process's write (admin commands)
 MAX_BACKOFF = 5.0
 PRUNE_EVERY = 3600.0  # seconds between prunings of the client history
+MEMORY_HISTORY = 1024  # requests between prunings of a :memory: database's history
 
 
 # str() of an application, SKU or KMS ID: a few hundred values in a lab, each made once;
@@ -292,6 +294,7 @@ class SqliteStore:
         self.history = settings.history
         self._latest = 0.0  # the latest time counted (the host's clock, maybe virtual)
         self._next_prune = 0.0
+        self._unpruned = 0  # requests since a :memory: database's history was pruned
         if path != MEMORY:
             directory = Path(path).parent
             if settings.create_directory:
@@ -565,7 +568,15 @@ class SqliteStore:
             self._commits += 1
             if self.history is not None and time.monotonic() >= self._next_prune:
                 self._next_prune = time.monotonic() + PRUNE_EVERY
-                self._prune(self._latest - self.history)
+                if gone := self._prune(self._latest - self.history):
+                    log.info("client history pruned", clients=gone)
+            if self.path == MEMORY:
+                # In RAM, the history of every client ever seen would grow as long as
+                # kmsd runs: a :memory: database keeps only the clients in a table.
+                self._unpruned += len(items)
+                if self._unpruned > MEMORY_HISTORY:
+                    self._unpruned = 0
+                    self._prune(math.inf)
             if (
                 self._wal_size() > self.wal_limit
                 and self.file_ok
@@ -859,20 +870,20 @@ class SqliteStore:
         self._poll_commands()
         self._checkpoint()
 
-    def _prune(self, before: float) -> None:
-        """Forget the last request of clients not seen since `before` and not in the table."""
+    def _prune(self, before: float) -> int:
+        """Forget the last request of clients not seen since `before` and not in the table;
+        returns how many."""
         try:
             with self._transaction():
-                gone = self.db.execute(
+                gone: int = self.db.execute(
                     "DELETE FROM clients WHERE last_seen < ? AND (application, client) "
                     "NOT IN (SELECT application, client FROM records)",
                     (before,),
                 ).rowcount
         except sqlite3.Error as exc:
             log.error("cannot prune the client history", error=str(exc))
-            return
-        if gone:
-            log.info("client history pruned", clients=gone)
+            return 0
+        return gone
 
     def _poll_commands(self) -> None:
         """Apply admin commands written by other processes (PRAGMA data_version changes

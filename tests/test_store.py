@@ -30,7 +30,14 @@ from kmsd.host import HostPolicy
 from kmsd.protocol.client import base_request
 from kmsd.protocol.kms import BaseRequest, encode_request
 from kmsd.protocol.products import products
-from kmsd.store import MIGRATIONS, SCHEMA_VERSION, SqliteStore, StoreError
+from kmsd.store import (
+    MEMORY,
+    MEMORY_HISTORY,
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    SqliteStore,
+    StoreError,
+)
 from tests.conftest import (
     KmsdProcess,
     make_host,
@@ -758,3 +765,18 @@ async def test_a_deleted_database_is_written_again_and_nothing_is_lost(tmp_path:
         await activate_one(again)
     finally:
         assert stop_kmsd(again) == 0
+
+
+async def test_a_memory_database_keeps_no_history_beyond_its_tables() -> None:
+    """In RAM, a row per client ever seen would grow as long as kmsd runs."""
+    store = SqliteStore(table_settings(MEMORY), known=KNOWN)
+    store.start(asyncio.get_running_loop())
+    for i in range(3000):
+        store.count(request(), NOW + i, "127.0.0.1:1")
+        if i % 10 == 9:
+            await asyncio.wait_for(store.barrier(), 10)
+    kept = store.db.execute("SELECT count(*) FROM clients").fetchone()[0]
+    in_table = store.db.execute("SELECT count(*) FROM records").fetchone()[0]
+    await store.close()
+    assert in_table == 50
+    assert kept <= in_table + MEMORY_HISTORY + 10
