@@ -222,3 +222,13 @@ def kmsd_process() -> Iterator[KmsdProcess]:
     kmsd = start_kmsd()
     yield kmsd
     stop_kmsd(kmsd)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The time each README command took on the pristine Debian root, when that check ran."""
+    from tests.test_pristine_debian import TIMINGS
+
+    if TIMINGS:
+        terminalreporter.section("README commands on a pristine Debian 12")
+        for label, seconds in TIMINGS:
+            terminalreporter.write_line(f"{seconds:8.1f} s  {label}")
