@@ -19,7 +19,7 @@ from kmsd.eventloop import run_on_loop, uvloop_installed
 from kmsd.pipe import quiet_on_broken_pipe
 from kmsd.protocol.client import NIL_UUID, BindOptions, base_request, prepare
 from kmsd.protocol.kms import BaseRequest
-from kmsd.protocol.products import Sku, products
+from kmsd.protocol.products import ProductNameError, products
 from kmsd.text import inert
 
 from . import discovery_cli, report
@@ -53,21 +53,6 @@ def _target(text: str) -> Target:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _sku(text: str) -> Sku:
-    db = products()
-    sku = db.sku_by_name(text)
-    if sku is None:
-        try:
-            sku = db.skus.get(uuid.UUID(text))
-        except ValueError:
-            sku = None
-    if sku is None:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is neither a product name nor a SKU ID (see --list-products)"
-        )
-    return sku
-
-
 def _bounded(kind: type[int] | type[float], low: float, high: float) -> Any:
     def parse(text: str) -> int | float:
         try:
@@ -95,10 +80,10 @@ def _common(parser: argparse.ArgumentParser, *, single_client: bool) -> None:
     """Options shared by every subcommand: product, protocol, RPC and request fields."""
     parser.add_argument(
         "--product",
-        type=_sku,
         default=DEFAULT_PRODUCT,
         metavar="NAME|SKU-ID",
-        help=f"product to activate, by name or SKU ID (default: {DEFAULT_PRODUCT})",
+        help=f'product to activate, by name as usually written ("Windows 11 Pro", "Server 2022'
+        f' Datacenter") or SKU ID; see --list-products (default: {DEFAULT_PRODUCT})',
     )
     if single_client:
         version = parser.add_mutually_exclusive_group()
@@ -430,6 +415,11 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     if args.command == "activate" and args.list_products:
         print(list_products(args.json), file=out)
         return 0
+    try:
+        args.product = products().find_sku(args.product)
+    except ProductNameError as exc:  # one line, not the usage: the name is the only problem
+        print(f"kmsclient {args.command}: error: {exc}", file=sys.stderr)
+        return 2
     if len(args.workstation.encode("utf-16-le")) > 126:
         parser.error("--workstation: at most 63 UTF-16 code units")
     if not args.ndr64 and args.call_syntax == "ndr64":

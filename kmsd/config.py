@@ -95,23 +95,20 @@ def parse_hwid(text: str) -> bytes:
 def parse_epid_override(text: str) -> tuple[UUID, str]:
     """KMS=EPID, where KMS is a KMS counted ID or the name of a KMS group or SKU."""
     from .protocol.epid import parse_epid  # the product list, loaded only when named
-    from .protocol.products import products
+    from .protocol.products import ProductNameError, products
 
     kms, sep, epid = text.partition("=")
     if not sep:
         raise ValueError(f"{text!r}: expected KMS-ID-OR-NAME=EPID")
     parse_epid(epid)
-    db = products()
     try:
         return UUID(kms), epid
     except ValueError:
         pass
-    for item in db.kms_items.values():
-        if item.name.casefold() == kms.casefold():
-            return item.id, epid
-    if (sku := db.sku_by_name(kms)) is not None:
-        return sku.kms.id, epid
-    raise ValueError(f"{kms!r} is neither a GUID nor a known KMS group or SKU")
+    try:
+        return products().find_kms_item(kms).id, epid
+    except ProductNameError as exc:
+        raise ValueError(f"{exc} (a KMS ID, KMS group or product name)") from None
 
 
 def parse_network(text: str) -> Network:

@@ -39,7 +39,7 @@ import structlog
 from .cache import MemoryCounter
 from .commit import Commit
 from .protocol.kms import BaseRequest
-from .protocol.products import products
+from .protocol.products import ProductNameError, products
 
 log = structlog.get_logger("kmsd.store")
 T = TypeVar("T")
@@ -1034,15 +1034,14 @@ def app_name(app: str) -> str:
 
 
 def resolve_app(text: str) -> str:
-    """An application by name ("Windows", "Office 2013 and later") or GUID."""
-    for app in products().applications.values():
-        if app.name.casefold() == text.casefold():
-            return str(app.id)
+    """An application by name ("Windows", "Office 2013+") or GUID, as its GUID."""
     try:
-        return str(UUID(text))
-    except ValueError:
-        names = ", ".join(a.name for a in products().applications.values())
-        raise StoreError(f"unknown application {text!r} (known: {names}, or a GUID)") from None
+        return str(products().find_application(text).id)
+    except ProductNameError as exc:
+        try:
+            return str(UUID(text))
+        except ValueError:
+            raise StoreError(f"{exc} (or an application GUID)") from None
 
 
 def read_clients(

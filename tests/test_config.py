@@ -63,7 +63,7 @@ def test_precedence_cli_over_environment_over_file_over_defaults(tmp_path: Path)
         ('[host]\nhwid = "12"\n', "host.hwid: '12': HWID must be 16 hex digits"),
         (
             '[host]\nepid = ["Nope=03612-00206-556-123727-03-1033-17763.0000-2972018"]\n',
-            "host.epid: 'Nope' is neither a GUID nor a known KMS group or SKU",
+            "host.epid: unknown product 'Nope' (a KMS ID, KMS group or product name)",
         ),
         ("[table\n", "not valid TOML"),
     ],

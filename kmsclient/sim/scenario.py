@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from kmsd.protocol.constants import DEFAULT_ACTIVATION_INTERVAL, DEFAULT_RENEWAL_INTERVAL
-from kmsd.protocol.products import Sku, products
+from kmsd.protocol.products import ProductNameError, Sku, products
 
 from ..licensing import DAY, HOUR, MINUTE
 
@@ -164,11 +164,11 @@ def _host(table: dict[str, Any], where: str) -> HostSpec:
 def _group(table: dict[str, Any], where: str, hosts: set[str]) -> GroupSpec:
     _check_keys(table, _GROUP_KEYS, where)
     product = _get(table, "product", str, where, "")
-    sku = products().sku_by_name(product)
-    if sku is None:
-        raise ScenarioError(
-            f"{where}.product: unknown product {product!r} (kmsclient activate --list-products)"
-        )
+    try:
+        sku = products().find_sku(product)
+    except ProductNameError as exc:
+        hint = "(kmsclient activate --list-products)"
+        raise ScenarioError(f"{where}.product: {exc} {hint}") from None
     count = _get(table, "count", int, where, 1)
     leaving = _get(table, "leaving", int, where, 0)
     vm = _get(table, "vm", float, where, 0.0)

@@ -1,18 +1,28 @@
 """The product database (products.json beside this file): applications, KMS IDs, SKUs, host keys.
 
-The host keys its decisions on the KMS counted ID (PROTOCOL.md §9.1); SKU names only serve
-logs and the client's product choice.
+The host keys its decisions on the KMS counted ID (docs/protocol.md, "Counting"); SKU names
+only serve logs and the choice of a product by name.
+
+Names are found as people type them (`find_sku`, `find_kms_item`, `find_application`): case,
+spacing and punctuation do not matter, a Windows 10/11 SKU answers to "Windows 10 ..." and
+"Windows 11 ..." (and "LTSC 2019/2021/2024" to each year), a server to "Server 2022 ...", an
+Office LTSC SKU to its name without "LTSC", words in any order. A name that fits several
+products is refused with their list, an unknown one with the closest names.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import difflib
 import json
+import re
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 from uuid import UUID
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +66,66 @@ class Sku:
     kms: KmsItem
 
 
+class ProductNameError(ValueError):
+    """A product or application name that matches nothing, or several (the message says which)."""
+
+
+def normalize(name: str) -> str:
+    """Lower case, words only: "Windows  10/11 Pro (Preview)" -> "windows 10/11 pro preview"."""
+    words = re.findall(r"[\w.+/-]+", name.casefold())
+    if words[:1] == ["microsoft"]:
+        words = words[1:]
+    return " ".join(words)
+
+
+def sku_aliases(name: str) -> set[str]:
+    """The normalized names a SKU answers to (see the module's docstring)."""
+    names = {normalize(name)}
+    for word in normalize(name).split():  # "10/11", "2019/2021/2024": each one alone too
+        if "/" in word:
+            names |= {a.replace(word, part) for a in names for part in word.split("/")}
+    for alias in list(names):
+        if alias.startswith("windows server "):
+            names.add(alias.removeprefix("windows "))
+        if alias.split()[:1] in (["office"], ["visio"]) and " ltsc " in f" {alias} ":
+            names.add(" ".join(word for word in alias.split() if word != "ltsc"))
+    return names
+
+
+class _Names(Generic[T]):
+    """Look-up of things by normalized names: exact, then the same words in any order, then
+    the things whose names contain all the words typed."""
+
+    def __init__(self, kind: str, named: dict[str, set[str]], shown: dict[str, T]) -> None:
+        self.kind = kind
+        self.shown = shown  # display name -> thing
+        self.exact: dict[str, set[str]] = {}  # normalized alias -> display names
+        self.words: dict[frozenset[str], set[str]] = {}
+        for display, aliases in named.items():
+            for alias in aliases:
+                self.exact.setdefault(alias, set()).add(display)
+                self.words.setdefault(frozenset(alias.split()), set()).add(display)
+
+    def find(self, text: str) -> T:
+        key = normalize(text)
+        words = frozenset(key.split())
+        found = self.exact.get(key) or self.words.get(words)
+        if not found and words:
+            found = {d for ws, ds in self.words.items() if words <= ws for d in ds}
+        if found and len(found) == 1:
+            return self.shown[next(iter(found))]
+        if found:
+            names = sorted(found)
+            more = f" and {len(names) - 8} more" if len(names) > 8 else ""
+            raise ProductNameError(
+                f"{text!r} matches {len(names)} {self.kind}s: {', '.join(names[:8])}{more}"
+            )
+        close = difflib.get_close_matches(key, self.exact, n=6, cutoff=0.6)
+        names = list(dict.fromkeys(sorted(self.exact[c])[0] for c in close))[:3]
+        hint = f"; closest: {', '.join(names)}" if names else ""
+        raise ProductNameError(f"unknown {self.kind} {text!r}{hint}")
+
+
 class ProductDatabase:
     def __init__(self, data: dict[str, Any]) -> None:
         raw = data
@@ -92,10 +162,53 @@ class ProductDatabase:
             UUID(s["id"]): Sku(UUID(s["id"]), s["name"], self.kms_items[UUID(s["kms_id"])])
             for s in _rows(raw, "skus")
         }
-        self._by_name = {s.name.casefold(): s for s in self.skus.values()}
+        self._sku_names = _Names(
+            "product",
+            {s.name: sku_aliases(s.name) for s in self.skus.values()},
+            {s.name: s for s in self.skus.values()},
+        )
+        self._app_names = _Names(
+            "application",
+            {
+                a.name: {normalize(a.name), *map(normalize, aliases)}
+                for a, aliases in zip(
+                    self.applications.values(),
+                    (row.get("aliases", []) for row in _rows(raw, "applications")),
+                    strict=True,
+                )
+            },
+            {a.name: a for a in self.applications.values()},
+        )
+        self._kms_names = {normalize(k.name): k for k in self.kms_items.values()}
+        self._by_name = {s.name: s for s in self.skus.values()}
 
     def sku_by_name(self, name: str) -> Sku | None:
-        return self._by_name.get(name.casefold())
+        """A SKU by its exact name, for code; people's names go through find_sku."""
+        return self._by_name.get(name)
+
+    def find_sku(self, text: str) -> Sku:
+        """A SKU by its SKU ID or by name as people type it; ProductNameError otherwise."""
+        if (uuid := _uuid(text)) is not None and (sku := self.skus.get(uuid)) is not None:
+            return sku
+        return self._sku_names.find(text)
+
+    def find_kms_item(self, text: str) -> KmsItem:
+        """A KMS counted ID by GUID, KMS group name (exact) or any SKU name of the group."""
+        if (uuid := _uuid(text)) is not None:
+            if (item := self.kms_items.get(uuid)) is not None:
+                return item
+            if (sku := self.skus.get(uuid)) is not None:
+                return sku.kms
+        if (item := self._kms_names.get(normalize(text))) is not None:
+            return item
+        return self.find_sku(text).kms
+
+    def find_application(self, text: str) -> Application:
+        """An application by GUID or name ("Windows", "Office 2013+"); ProductNameError."""
+        uuid = _uuid(text)
+        if uuid is not None and (app := self.applications.get(uuid)) is not None:
+            return app
+        return self._app_names.find(text)
 
     def csvlk_for(self, application_id: UUID, kms_id: UUID) -> Csvlk:
         """The host key that answers a KMS ID; for an unknown one, the application's default."""
@@ -114,6 +227,13 @@ class ProductDatabase:
         if (app := self.applications.get(application_id)) is not None:
             return f"unknown SKU {sku_id} of {app.name}"
         return f"unknown SKU {sku_id}"
+
+
+def _uuid(text: str) -> UUID | None:
+    try:
+        return UUID(text.strip())
+    except ValueError:
+        return None
 
 
 def _rows(raw: dict[str, Any], key: str) -> list[dict[str, Any]]:
