@@ -19,7 +19,7 @@ import datetime as dt
 import json
 import os
 import re
-import selectors
+import select
 import shutil
 import socket
 import subprocess
@@ -238,21 +238,19 @@ def free_port() -> int:
         return port
 
 
-def wait_for_line(stream: object, pattern: str, deadline: float) -> list[str]:
-    """Lines of `stream` read until one contains `pattern` (or the deadline passes)."""
-    seen: list[str] = []
-    with selectors.DefaultSelector() as selector:
-        selector.register(stream, selectors.EVENT_READ)  # type: ignore[arg-type]
-        while time.monotonic() < deadline:
-            if not selector.select(deadline - time.monotonic()):
-                break
-            line = stream.readline()  # type: ignore[attr-defined]
-            if not line:
-                break
-            seen.append(line)
-            if pattern in line:
-                return seen
-    pytest.fail(f"no {pattern!r} line before the deadline; kmsd said:\n{''.join(seen)}")
+def wait_for_line(fd: int, pattern: str, deadline: float) -> str:
+    """What `fd` gave until a line containing `pattern` (read unbuffered: select sees it all)."""
+    seen = b""
+    while pattern.encode() not in seen and time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        chunk = os.read(fd, 65536) if ready else b""
+        if not chunk:
+            break
+        seen += chunk
+    text = seen.decode(errors="replace")
+    if pattern not in text:
+        pytest.fail(f"no {pattern!r} line before the deadline; kmsd said:\n{text}")
+    return text
 
 
 @LONG
@@ -267,10 +265,11 @@ def test_readme_setup_on_pristine_debian(debian: Path) -> None:
     kmsd = subprocess.Popen(
         ["chroot", str(debian), "/usr/bin/env", "-i", *chroot_env(), "/bin/sh", "-c",
          f"cd {CHECKOUT} && exec {daemon} --listen 127.0.0.1:{port}"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )  # fmt: skip
     try:
-        wait_for_line(kmsd.stderr, "kmsd ready", time.monotonic() + 60)
+        assert kmsd.stderr is not None
+        wait_for_line(kmsd.stderr.fileno(), "kmsd ready", time.monotonic() + 60)
         TIMINGS.append(("quick start: kmsd until ready", time.monotonic() - started))
         answer = json.loads(
             in_root(debian, f"kmsclient activate 127.0.0.1:{port} --json || [ $? = 3 ]",
