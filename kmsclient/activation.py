@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from kmsd.protocol.checks import Verified, verify_reply
 from kmsd.protocol.client import BindOptions, PreparedRequest
+from kmsd.protocol.errors import HResult
+from kmsd.protocol.kms import BaseRequest
+from kmsd.protocol.products import products
 
 from .outcome import Failure, Status, classify
 from .session import KmsConnection
@@ -110,7 +113,7 @@ class Activator:
             )
         except Exception as exc:
             warnings = tuple(self.conn.rpc.warnings) if self.conn is not None else ()
-            failure = self.fail(exc)
+            failure = explain(self.fail(exc), prepared.base)
             return Result(
                 self.target,
                 prepared,
@@ -159,3 +162,16 @@ async def activate(
         return await activator.run(prepared)
     finally:
         await activator.close()
+
+
+def explain(failure: Failure, base: BaseRequest) -> Failure:
+    """A KMS ID refusal of a product that no KMS host serves says which product and why."""
+    if failure.hresult != HResult.KMS_ID_MISMATCH:
+        return failure
+    item = products().kms_items.get(base.kms_id)
+    sku = products().skus.get(base.sku_id)
+    if item is None or sku is None or not (item.retail or item.preview):
+        return failure
+    kind = "a retail" if item.retail else "a preview"
+    reason = f"{sku.name} is {kind} product; KMS hosts activate volume products"
+    return replace(failure, message=f"{failure.message}; {reason}")

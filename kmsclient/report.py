@@ -126,8 +126,9 @@ def to_text(result: Result) -> str:
     else:
         assert result.failure is not None
         verdict = f"{result.status.label.replace('_', ' ')}: {result.failure.message}"
-        if result.failure.hresult is not None:
-            verdict += f" [{hresult_text(result.failure.hresult)}]"
+        code = hresult_text(result.failure.hresult)
+        if code is not None and code not in verdict:
+            verdict += f" [{code}]"
     rows.append(("Result", verdict))
     if response is not None:
         epid = response["epid_decoded"]

@@ -18,7 +18,7 @@ import pytest
 
 from kmsclient import cli as kmsclient_cli
 
-from .bind import Bind, installed, key_file, running
+from .bind import WRONG_SECRET, Bind, installed, key_file, running
 from .conftest import KmsdProcess, start_kmsd, stop_kmsd
 
 ZONE = "lab.test"
@@ -166,7 +166,7 @@ def test_priorities_failover_cache_and_only_own_records_removed(bind: Bind, tmp_
 
 
 def test_wrong_key_is_refused_logged_and_kmsd_serves_on(bind: Bind, tmp_path: Path) -> None:
-    wrong = key_file(tmp_path / "wrong.key", os.urandom(32))
+    wrong = key_file(tmp_path / "wrong.key", WRONG_SECRET)
     kmsd = publishing_kmsd(bind, "127.0.0.6", "kms-wrong", 0, 0, key=wrong)
     try:
         failed = kmsd.read_log_until("dns update failed")

@@ -4,6 +4,7 @@ on address and settings changes, backoff; and the BIND key file format."""
 from __future__ import annotations
 
 import asyncio
+import base64
 from pathlib import Path
 from typing import Any
 
@@ -182,6 +183,50 @@ def test_key_file_formats(tmp_path: Path) -> None:
     assert keys[1].algorithm == dns.tsig.HMAC_SHA512
     (tmp_path / "k.key").write_text(text)
     assert read_key(tmp_path / "k.key").name == dns.name.from_text("kmsd-key")
+
+
+# Secrets as tsig-keygen may write them, with "//" inside the quoted base64 (about 1 % of
+# random 32-byte keys): a comment must not start there.
+SLASHES = bytes.fromhex("ffff" + "00" * 28 + "fbff")  # "//8AAA...AA+/8="
+LEADING = b"\xff\xff\xff" + bytes(range(29))  # "////AAECAw..."
+
+
+@pytest.mark.parametrize("secret", [SLASHES, LEADING], ids=["inside", "leading"])
+def test_key_file_secret_with_slashes(secret: bytes) -> None:
+    encoded = base64.b64encode(secret).decode()
+    assert "//" in encoded
+    text = f'''key "kmsd-key" {{ // tsig-keygen's layout
+\talgorithm hmac-sha256; /* a comment */
+\tsecret "{encoded}"; # another
+}};
+'''
+    assert parse_keys(text)[0].secret == secret
+
+
+def test_key_file_strings_keep_comment_marks() -> None:
+    """`/*`, `//` and `#` inside quotes are text; outside, comments (even across lines)."""
+    text = """/* key "commented" { algorithm hmac-md5; secret "AAAA"; }; */
+    key "lab/*1*/#x//y" { algorithm hmac-sha256; secret "AAAA"; };
+    key "b" { algorithm hmac-sha256; secret "AAAA"; }; // key "c" { ...
+    """
+    assert [k.name.to_text(omit_final_dot=True) for k in parse_keys(text)] == [
+        "lab/*1*/#x//y",
+        "b",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ('key "k" { algorithm hmac-sha256; secret "AAAA" }', "missing ';'"),
+        ('key "k" { algorithm hmac-sha256; secret "AAAA"; ', "missing '}'"),
+        ('key "k" { algorithm hmac-sha256; secret "AAAA"; }; }', "unexpected '}'"),
+        ('key "k" { secret "AAAA; };', "unexpected '\"'"),
+    ],
+)
+def test_key_file_syntax_errors(text: str, problem: str) -> None:
+    with pytest.raises(KeyFileError, match=problem):
+        parse_keys(text)
 
 
 @pytest.mark.parametrize(

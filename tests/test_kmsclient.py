@@ -20,11 +20,18 @@ from kmsclient import cli
 from kmsclient.activation import Activator, CallOptions, activate
 from kmsclient.charge import charge
 from kmsclient.load import LoadSpec, run_load
-from kmsclient.outcome import Status
+from kmsclient.outcome import Status, classify
 from kmsclient.target import Target, parse_target
 from kmsd.host import HostPolicy
 from kmsd.protocol.checks import check_header, verify_reply
-from kmsd.protocol.client import BindOptions, PreparedRequest, RpcClient, base_request, prepare
+from kmsd.protocol.client import (
+    BindOptions,
+    HostRefused,
+    PreparedRequest,
+    RpcClient,
+    base_request,
+    prepare,
+)
 from kmsd.protocol.crypto import E5, E6, pkcs7_pad, pkcs7_unpad, v6_mac
 from kmsd.protocol.errors import NotGenuine
 from kmsd.protocol.kms import decode_request
@@ -163,6 +170,34 @@ async def test_refused_by_hresult() -> None:
 
 
 @pytest.mark.system
+async def test_retail_refusal_is_named_and_its_hresult_printed_once() -> None:
+    srv = KmsServer(make_host(HostPolicy(strict=True)), server_settings())
+    await srv.start()
+    try:
+        status, out = await run_cli("activate", str(target_of(srv)), "--product", "Windows 10 Home")
+    finally:
+        await srv.stop()
+    assert status == Status.REFUSED
+    result = next(line for line in out.splitlines() if line.startswith("Result"))
+    assert result.count("0xC004F042") == 1, result
+    assert "SL_E_VL_KEY_MANAGEMENT_SERVICE_ID_MISMATCH" in result
+    assert "Windows 10/11 Home is a retail product" in result
+
+
+@pytest.mark.parametrize(
+    ("code", "text"),
+    [
+        (0x80070005, "host answered HRESULT 0x80070005 (not one KMS hosts are known to send)"),
+        (0xC004F06C, "host answered HRESULT 0xC004F06C SL_E_VL_INVALID_TIMESTAMP: the request's"),
+    ],
+)
+def test_host_refused_shows_the_code_received(code: int, text: str) -> None:
+    failure = classify(HostRefused(code), TIMEOUT)
+    assert failure.status == Status.REFUSED and failure.hresult == code
+    assert failure.message.startswith(text)
+    assert "S_OK" not in failure.message and failure.message.count(f"0x{code:08X}") == 1
+
+
 async def test_python_dash_m_and_usage_status() -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "kmsclient", "activate", "--help",

@@ -28,22 +28,80 @@ ALGORITHMS = {
     "hmac-sha512": dns.tsig.HMAC_SHA512,
 }
 
-_COMMENT = re.compile(r"(#|//)[^\n]*|/\*.*?\*/", re.S)
-_KEY = re.compile(r'key\s+("([^"]+)"|([^\s{]+))\s*\{(.*?)\}\s*;', re.S)
-_STATEMENT = re.compile(r'\s*([a-z-]+)\s+("([^"]*)"|([^;\s]+))\s*;', re.S)
+# One token of named.conf syntax: a quoted string, a brace or semicolon, a bare word, or a
+# comment (#, //, /* */) to skip. Strings come first, so that `//` or `/*` inside a quoted
+# base64 secret stays part of it.
+_TOKEN = re.compile(
+    r'"(?P<string>(?:[^"\\]|\\.)*)"|(?P<punct>[{};])|(?P<comment>(?:#|//)[^\n]*|/\*.*?\*/)'
+    r'|(?P<word>(?:[^\s{};"#/]|/(?![/*]))+)|(?P<space>\s+)|(?P<bad>.)',
+    re.S,
+)
 
 
 class KeyFileError(ValueError):
     """A key file that cannot be used; the message names the file and the problem."""
 
 
+def tokens(text: str, origin: str = "key file") -> list[str]:
+    """The words, strings (without quotes; a leading quote marks them) and punctuation."""
+    result = []
+    for match in _TOKEN.finditer(text):
+        kind = match.lastgroup
+        if kind == "string":
+            result.append('"' + re.sub(r"\\(.)", r"\1", match.group("string")))
+        elif kind in ("punct", "word"):
+            result.append(match.group())
+        elif kind == "bad":
+            line = text.count("\n", 0, match.start()) + 1
+            raise KeyFileError(f"{origin}, line {line}: unexpected {match.group()!r}")
+    return result
+
+
+Statement = tuple[list[str], list["Statement"]]  # (words before the block, its statements)
+
+
+def statements(items: list[str], origin: str = "key file") -> list[Statement]:
+    """named.conf's grammar: `word... [{ statement... }] ;`, nested."""
+    position = 0
+
+    def block(closing: str | None) -> list[Statement]:
+        nonlocal position
+        found: list[Statement] = []
+        while position < len(items) and items[position] != closing:
+            if items[position] == "}":
+                raise KeyFileError(f"{origin}: unexpected '}}'")
+            words: list[str] = []
+            inner: list[Statement] = []
+            while position < len(items) and items[position] not in (";", "{", "}"):
+                words.append(items[position])
+                position += 1
+            if position < len(items) and items[position] == "{":
+                position += 1
+                inner = block("}")
+                position += 1  # the closing brace
+            if position >= len(items) or items[position] != ";":
+                raise KeyFileError(f"{origin}: missing ';' after {' '.join(words) or '}'!r}")
+            position += 1
+            found.append((words, inner))
+        if closing is not None and position >= len(items):
+            raise KeyFileError(f"{origin}: missing '}}'")
+        return found
+
+    return block(None)
+
+
+def _text(token: str) -> str:
+    return token.removeprefix('"')
+
+
 def parse_keys(text: str, origin: str = "key file") -> list[dns.tsig.Key]:
     """Every `key` statement of `text`, in order."""
-    text = _COMMENT.sub("", text)
     keys = []
-    for match in _KEY.finditer(text):
-        name = match.group(2) or match.group(3)
-        fields = {m.group(1): m.group(3) or m.group(4) for m in _STATEMENT.finditer(match.group(4))}
+    for words, inner in statements(tokens(text, origin), origin):
+        if len(words) != 2 or words[0] != "key":
+            continue
+        name = _text(words[1])
+        fields = {w[0]: _text(w[1]) for w, _ in inner if len(w) == 2}
         algorithm = fields.get("algorithm", "").lower()
         if algorithm not in ALGORITHMS:
             known = ", ".join(ALGORITHMS)

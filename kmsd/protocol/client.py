@@ -22,7 +22,7 @@ from .checks import (
     check_response_stub,
 )
 from .constants import filetime
-from .errors import HResult, KmsError, NotGenuine
+from .errors import KmsError, NotGenuine, describe_hresult
 from .kms import BaseRequest, encode_request
 from .products import Sku
 from .rpc import (
@@ -102,15 +102,11 @@ class RpcError(Exception):
 
 
 class HostRefused(KmsError):
-    """The host answered the call with a non-zero HRESULT (the NDR error form)."""
+    """The host answered the call with a non-zero HRESULT (the NDR error form); `status` and
+    `hresult` are the code as received, in or outside HResult."""
 
     def __init__(self, status: int) -> None:
-        known = status in HResult._value2member_map_
-        name = HResult(status).name if known else "unknown"
-        super().__init__(
-            HResult(status) if known else HResult.S_OK,
-            f"host answered HRESULT 0x{status:08X} ({name})",
-        )
+        super().__init__(status, f"host answered HRESULT {describe_hresult(status)}")
         self.status = status
 
 

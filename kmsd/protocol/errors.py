@@ -16,6 +16,27 @@ class HResult(IntEnum):
     BINDING_SERVICE_UNAVAILABLE = 0xC004F074  # SL_E_VL_BINDING_SERVICE_UNAVAILABLE (client side)
 
 
+# What each HRESULT tells a client: its Windows name and meaning (hosts send no reason with it).
+HRESULT_MEANINGS: dict[int, str] = {
+    HResult.INVALID_DATA: "ERROR_INVALID_DATA: the host could not read the request",
+    HResult.KMS_ID_MISMATCH: (
+        "SL_E_VL_KEY_MANAGEMENT_SERVICE_ID_MISMATCH: the host does not serve this KMS ID"
+        " (a retail, preview or unknown product, or one of another application)"
+    ),
+    HResult.INVALID_TIMESTAMP: (
+        "SL_E_VL_INVALID_TIMESTAMP: the request's time is too far from the host's clock"
+    ),
+    HResult.NOT_ENOUGH_COUNT: "SL_E_VL_NOT_ENOUGH_COUNT: the host's count is below the threshold",
+    HResult.BINDING_SERVICE_UNAVAILABLE: "SL_E_VL_BINDING_SERVICE_UNAVAILABLE: no host answered",
+}
+
+
+def describe_hresult(status: int) -> str:
+    """`0xC004F042 SL_E_VL_...: meaning`; a code outside the table as itself."""
+    meaning = HRESULT_MEANINGS.get(status, "(not one KMS hosts are known to send)")
+    return f"0x{status:08X} {meaning}"
+
+
 class FaultStatus(IntEnum):
     """nca status codes carried by a DCE-RPC fault PDU."""
 
@@ -29,9 +50,12 @@ class FaultStatus(IntEnum):
 class KmsError(Exception):
     """A KMS message was refused; the host answers with `hresult` in the NDR error form."""
 
-    def __init__(self, hresult: HResult, reason: str) -> None:
-        super().__init__(f"{reason} (HRESULT 0x{hresult:08X} {hresult.name})")
-        self.hresult = hresult
+    def __init__(self, hresult: int, reason: str) -> None:
+        code = f"0x{hresult:08X}"
+        known = hresult in HResult._value2member_map_
+        name = HResult(hresult).name if known else "outside the known HRESULTs"
+        super().__init__(reason if code in reason else f"{reason} (HRESULT {code} {name})")
+        self.hresult = hresult  # an HResult, or (received from a host) any code
         self.reason = reason
 
 
