@@ -398,8 +398,9 @@ async def _load(args: argparse.Namespace, out: TextIO) -> int:
         lambda major, cmid, i: _request(args, cmid, major),
         progress=None if args.json else progress_stream(),
     )
-    print(json.dumps(run.to_json(), indent=1) if args.json else run.to_text(), file=out)
-    return int(run.status)
+    data = run.to_json()
+    print(json.dumps(data, indent=1) if args.json else run.to_text(), file=out)
+    return int(data["exit_status"])
 
 
 @quiet_on_broken_pipe

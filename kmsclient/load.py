@@ -49,6 +49,9 @@ class LoadSpec:
     verify_every: int = 1  # verify every Nth reply in full; 1: all (every reply is RPC-checked)
 
 
+INTERRUPTED = 130  # the shell's status for a command ended by SIGINT
+
+
 @dataclass
 class LoadReport:
     spec: LoadSpec
@@ -63,6 +66,7 @@ class LoadReport:
     statuses: Counter[Status] = field(default_factory=Counter)
     latencies: list[float] = field(default_factory=list)  # seconds, successful exchanges
     elapsed: float = 0.0
+    interrupted: bool = False  # stopped by Ctrl-C: the figures are those measured until then
 
     @property
     def status(self) -> Status:
@@ -105,7 +109,8 @@ class LoadReport:
             "activations_per_s": round(self.rate, 1),
             "latency_ms": {"p50": ms(50), "p90": ms(90), "p99": ms(99), "max": ms(100)},
             "status": self.status.label,
-            "exit_status": int(self.status),
+            "exit_status": INTERRUPTED if self.interrupted else int(self.status),
+            "interrupted": self.interrupted,
         }
 
     def to_text(self) -> str:
@@ -129,6 +134,8 @@ class LoadReport:
             f"Latency       {latency}",
             f"Reconnects    {data['reconnects']} (host closed a kept connection)",
         ]
+        if self.interrupted:
+            lines.insert(0, f"Interrupted   (Ctrl-C) after {data['elapsed_s']:.2f} s: so far")
         if self.errors:
             lines.append("Errors")
             lines += [f"  {n:>8}  {kind}" for kind, n in self.errors.most_common()]
@@ -268,12 +275,25 @@ async def run_load(
         asyncio.create_task(_client(spec, pool, tickets, report)) for _ in range(spec.concurrency)
     ]
     # Clients stop taking tickets at the deadline; the last exchanges may take one timeout.
-    _, late = await asyncio.wait(clients, timeout=spec.duration + spec.options.timeout + 1)
+    try:
+        _, late = await asyncio.wait(clients, timeout=spec.duration + spec.options.timeout + 1)
+    except asyncio.CancelledError:  # Ctrl-C (asyncio.run cancels us): report what was measured
+        current = asyncio.current_task()
+        if current is None or current.uncancel() > 0:
+            raise  # cancelled by something else as well
+        report.interrupted = True
+        late = set()
+        for task in clients:
+            task.cancel()
     for task in late:
         task.cancel()
         report.errors["cancelled at the hard deadline"] += 1
     outcomes = await asyncio.gather(*clients, return_exceptions=True)
     report.elapsed = time.perf_counter() - started
+    if report.interrupted:  # exchanges cut short: neither answered nor failed
+        cut = report.attempts - report.activations - sum(report.errors.values())
+        if cut:
+            report.errors["in flight at Ctrl-C"] += cut
     report.statuses[Status.ACTIVATED] += report.activations - report.below_threshold
     report.statuses[Status.BELOW_THRESHOLD] += report.below_threshold
     done.set()

@@ -63,7 +63,8 @@ def classify(exc: BaseException, timeout: float) -> Failure:
             Status.UNREACHABLE, "closed", "the host closed the connection (reset) without answering"
         )
     if isinstance(exc, ConnectionRefusedError):
-        return Failure(Status.UNREACHABLE, "refused", "connection refused (nothing listens)")
+        message = "connection refused: nothing listens there"
+        return Failure(Status.UNREACHABLE, "no listener", message)
     if isinstance(exc, socket.gaierror):
         return Failure(Status.UNREACHABLE, "resolve", f"cannot resolve the host: {exc.strerror}")
     if isinstance(exc, OSError):

@@ -136,7 +136,7 @@ class FakeHosts:
         self.tried.append(target.host)
         if target.host in self.up:
             return Result(target, None, self.status)  # type: ignore[arg-type]
-        failure = Failure(Status.UNREACHABLE, "refused", "connection refused")
+        failure = Failure(Status.UNREACHABLE, "no listener", "connection refused")
         return Result(target, None, Status.UNREACHABLE, failure=failure)  # type: ignore[arg-type]
 
 

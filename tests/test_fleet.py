@@ -7,6 +7,7 @@ import io
 import json
 import os
 import signal
+import socket
 import threading
 from pathlib import Path
 from typing import Any
@@ -256,3 +257,38 @@ def test_kmsd_clock_file_keeps_the_last_time_read(tmp_path: Path) -> None:
     assert clock() == 1_800_000_000.0
     path.unlink()
     assert clock() == 1_800_000_000.0
+
+
+def closed_port() -> tuple[socket.socket, int]:
+    """A loopback port where nothing listens (bound, never listening: connections are refused
+    for as long as the socket is held)."""
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    return held, held.getsockname()[1]
+
+
+def test_cli_simulate_against_a_closed_port_fails(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    held, port = closed_port()
+    with held:
+        path = str(SCENARIOS / "seed-threshold.toml")
+        clock = str(tmp_path / "clock")
+        argv = ["simulate", path, "--kmsd", f"kms=127.0.0.1:{port}", "--clock-file", clock]
+        assert kmsclient_main(argv, io.StringIO()) == 5
+    err = capsys.readouterr().err
+    assert err.strip() == (
+        f"kmsclient simulate: error: --kmsd kms=127.0.0.1:{port}: "
+        "connection refused: nothing listens there"
+    )
+
+
+async def test_loopback_counts_daemons_that_do_not_answer(tmp_path: Path) -> None:
+    held, port = closed_port()
+    with held:
+        group = {"name": "w", "product": "Windows 11 Pro", "count": 2}
+        scenario = from_dict({"days": 1, "groups": [group]})
+        transport = Loopback({"kms": Target("127.0.0.1", port)}, tmp_path / "clock")
+        result = await simulate(scenario, transport, keep_events=False)
+    assert result is not None and len(transport.unreachable) >= 2
+    assert transport.unreachable[0].startswith(f"kms (127.0.0.1:{port}): connection refused")

@@ -8,6 +8,8 @@ import contextlib
 import io
 import json
 import re
+import signal
+import socket
 import struct
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -229,6 +231,40 @@ async def test_charge_stops_when_the_count_does_not_grow() -> None:
     data = json.loads(out)
     assert status == Status.BELOW_THRESHOLD and data["counts"] == [3, 3, 3]
     assert not data["reached"] and "did not grow" in data["stopped"]
+
+
+async def test_load_names_a_refused_connection_apart_from_a_refusal() -> None:
+    """ "refused" is the word for a host's HRESULT answer; a closed port is another failure."""
+    with socket.socket() as held:  # bound, not listening: connections are refused
+        held.bind((LOOPBACK, 0))
+        spec = LoadSpec(
+            Target(LOOPBACK, held.getsockname()[1]), (6,), clients=2, concurrency=2,
+            duration=10, count=6,
+        )  # fmt: skip
+        report = await run_load(spec, lambda major, cmid, i: base_request(WIN, major=major))
+    assert report.errors == {"no listener": 6} and report.status == Status.UNREACHABLE
+    assert "refused" not in report.to_text().split("Errors", 1)[1]
+
+
+async def test_load_interrupted_prints_what_was_measured(server: KmsServer) -> None:
+    loop = asyncio.get_running_loop()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "kmsclient", "load", str(target_of(server)),
+        "--count", "1000000", "--duration", "120", "--loop", "asyncio",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as from a terminal
+    )  # fmt: skip
+    deadline = loop.time() + 60
+    while server.metrics.latency_count < 20 and loop.time() < deadline:  # replies written
+        await asyncio.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    text = out.decode()
+    assert proc.returncode == 130, err.decode()
+    assert text.startswith("Interrupted   (Ctrl-C) after "), text
+    measured = re.search(r"^Activations   (\d+) of (\d+) attempts", text, re.M)
+    assert measured is not None and int(measured.group(1)) >= 20
+    assert "Latency       p50 " in text
 
 
 @pytest.mark.parametrize("new_connection", [False, True])

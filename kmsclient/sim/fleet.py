@@ -122,6 +122,7 @@ class Loopback:
         self.clock_file = clock_file
         self.options = CallOptions(timeout=timeout)
         self._written: float | None = None
+        self.unreachable: list[str] = []  # a daemon that did not answer (not an outage)
 
     def set_clock(self, now: float) -> None:
         if now != self._written:
@@ -136,6 +137,7 @@ class Loopback:
             return Answer(base.count, base.activation_interval, base.renewal_interval)
         reason = result.failure.message if result.failure else result.status.label
         if result.status == Status.UNREACHABLE:
+            self.unreachable.append(f"{host} ({self.targets[host]}): {reason}")
             return Unreachable(reason)
         return Refused(reason)
 

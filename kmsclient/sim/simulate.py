@@ -13,7 +13,7 @@ from typing import Any, TextIO
 from kmsd.clock import read_clock
 
 from ..licensing import HOUR
-from ..outcome import Status
+from ..outcome import Status, classify
 from ..target import Target, loopback_only, parse_target
 from . import chart, timeline
 from .fleet import InProcess, Loopback, Transport, simulate, write_clock
@@ -97,6 +97,20 @@ async def _transport(args: argparse.Namespace, scenario: Scenario) -> Transport:
     return Loopback(targets, args.clock_file)
 
 
+async def _unreachable(transport: Loopback) -> str | None:
+    """Why a daemon cannot be reached (nothing listens, no answer), before the simulation."""
+    for name, target in transport.targets.items():
+        try:
+            _, writer = await asyncio.wait_for(
+                asyncio.open_connection(target.host, target.port), transport.options.timeout
+            )
+        except (OSError, TimeoutError) as exc:
+            failure = classify(exc, transport.options.timeout)
+            return f"--kmsd {name}={target}: {failure.message}"
+        writer.close()
+    return None
+
+
 async def _run(args: argparse.Namespace, scenario: Scenario, out: TextIO) -> int:
     try:
         transport = await _transport(args, scenario)
@@ -104,6 +118,9 @@ async def _run(args: argparse.Namespace, scenario: Scenario, out: TextIO) -> int
         print(f"kmsclient simulate: error: {exc}", file=sys.stderr)
         return int(Status.USAGE)
     if isinstance(transport, Loopback):
+        if (problem := await _unreachable(transport)) is not None:
+            print(f"kmsclient simulate: error: {problem}", file=sys.stderr)
+            return int(Status.UNREACHABLE)
         try:
             read_clock(transport.clock_file)
         except OSError:
@@ -124,6 +141,13 @@ async def _run(args: argparse.Namespace, scenario: Scenario, out: TextIO) -> int
                     f"{e.state:<11} {e.host or ''}{count}",
                     file=out,
                 )
+    if isinstance(transport, Loopback) and transport.unreachable:
+        print(
+            f"kmsclient simulate: {len(transport.unreachable)} exchanges found no daemon "
+            f"answering (outside the scenario's outages); first: {transport.unreachable[0]}",
+            file=sys.stderr,
+        )
+        return int(Status.UNREACHABLE)
     return 0
 
 
