@@ -727,9 +727,9 @@ OPTIONS: tuple[Option, ...] = (
         "process",
         parse_user,
         None,
-        "started as root (to bind port 1688 without systemd): run as this user once the "
-        "sockets are bound and the database is open; kmsd refuses to start when it does not "
-        "exist",
+        "when started as root (port 1688 needs no privilege; root is needed only for a port "
+        "below 1024): run as this user once the sockets are bound and the database is open; "
+        "kmsd refuses to start when it does not exist",
         "NAME",
     ),
 )

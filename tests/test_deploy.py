@@ -14,6 +14,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 import yaml
 
@@ -156,8 +157,26 @@ def test_compose_kmsd_publishes_to_its_bind() -> None:
     )
 
 
-@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose not installed")
+# Debian's docker-compose package (in the README's test command) ships the Compose
+# specification's JSON schema; `docker-compose config` checks the file against it too.
+COMPOSE_SPEC = Path("/usr/lib/python3/dist-packages/compose/config/compose_spec.json")
+
+
+def test_compose_file_matches_the_compose_specification() -> None:
+    if not COMPOSE_SPEC.exists():
+        pytest.fail(f"{COMPOSE_SPEC} missing: apt-get install docker-compose (README)")
+    schema = json.loads(COMPOSE_SPEC.read_text())
+    validator = jsonschema.Draft7Validator(schema)
+    errors = [f"{e.message} at {list(e.path)}" for e in validator.iter_errors(compose())]
+    assert errors == []
+    # The check can fail: a misspelt key is refused.
+    broken = compose() | {"servics": {}}
+    assert any("servics" in e.message for e in validator.iter_errors(broken))
+
+
 def test_compose_config_validates() -> None:
+    if shutil.which("docker-compose") is None:
+        pytest.fail("docker-compose missing: apt-get install docker-compose (README)")
     result = subprocess.run(
         ["docker-compose", "-f", str(COMPOSE), "config", "--quiet"],
         capture_output=True,
@@ -221,12 +240,16 @@ def test_kubernetes_manifest_validates_against_the_schema() -> None:
 def test_kubernetes_manifest_fits_together() -> None:
     by_kind = {d["kind"]: d for d in manifests()}
     assert set(by_kind) == {"ConfigMap", "Service", "StatefulSet"}
-    service, sts, cm = by_kind["Service"], by_kind["StatefulSet"], by_kind["ConfigMap"]
+    sts, cm = by_kind["StatefulSet"], by_kind["ConfigMap"]
+    services = {d["metadata"]["name"]: d for d in manifests() if d["kind"] == "Service"}
     spec = sts["spec"]
     labels = spec["template"]["metadata"]["labels"]
     assert spec["selector"]["matchLabels"].items() <= labels.items()
-    assert service["spec"]["selector"].items() <= labels.items()
-    assert spec["serviceName"] == service["metadata"]["name"]
+    for each in services.values():
+        assert each["spec"]["selector"].items() <= labels.items()
+    # The governing Service of a StatefulSet must be headless; clients use the other one.
+    assert services[spec["serviceName"]]["spec"]["clusterIP"] == "None"
+    (service,) = (s for s in services.values() if s["spec"].get("clusterIP") != "None")
     (container,) = spec["template"]["spec"]["containers"]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     (service_port,) = service["spec"]["ports"]
