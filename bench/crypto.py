@@ -8,7 +8,7 @@ Prints, for each implementation of V4/V6's Rijndael (`PyRijndael`, `CRijndael`):
   V6 CBC-240     E6 CBC encryption of 240 bytes (a whole V6 request or response)
   V4/V6 act.     the server's crypto for one activation: V4 = MAC of the request and of
                  a 144-byte response; V6 = CBC-decrypt 240, Dc = D6(IVc), P0 = D6(W),
-                 SHA-256, HMAC-SHA256, CBC-encrypt 240 (PROTOCOL.md §4.5, §4.8)
+                 SHA-256, HMAC-SHA256, CBC-encrypt 240 (docs/protocol.md, "KMS messages")
 
 and the speedup. V5 (AES through `cryptography`) is shown for the current `Aes`, which
 keeps its cipher contexts, and for a per-call one that builds a `Cipher` on every call

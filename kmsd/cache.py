@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from .protocol.kms import BaseRequest
 
 RECORD_LIFETIME = 30 * 24 * 3600.0
-MAX_REQUIRED_COUNT = 1000  # larger N policies are refused (PROTOCOL.md §5.2)
+MAX_REQUIRED_COUNT = 1000  # larger N policies are refused (docs/protocol.md, Counting)
 MAX_TABLES = 64  # tables of unknown applications kept at once; beyond it the stalest goes
 
 

@@ -1,4 +1,4 @@
-"""The KMS host: a request's bytes in, the response's bytes out (PROTOCOL.md §5).
+"""The KMS host: a request's bytes in, the response's bytes out (docs/protocol.md, Counting).
 
 Pure: time and randomness are passed in; the client count comes from a CountStore.
 """

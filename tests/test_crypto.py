@@ -1,4 +1,5 @@
-"""Known-answer tests of PROTOCOL.md Appendix A, and the ciphers' own consistency.
+"""Known-answer tests of the ciphers and MACs (docs/protocol.md, "KMS messages"), and the
+ciphers' own consistency.
 
 Every Rijndael test runs on both implementations: the pure-Python `PyRijndael` and the
 compiled `CRijndael` (kmsd/protocol/_rijndael.c). The compiled one is skipped when the
@@ -65,7 +66,7 @@ def impl(request: pytest.FixtureRequest) -> Any:
 
 
 def pad10(message: bytes) -> bytes:
-    """The "10*" padding of MAC4 (PROTOCOL.md §4.5)."""
+    """The "10*" padding of MAC4 (docs/protocol.md, V4)."""
     return message + b"\x80" + b"\x00" * (-(len(message) + 1) % 16)
 
 

@@ -414,7 +414,7 @@ def test_remembered_bind_answers_are_the_negotiated_ones(
 
 
 # For the KMS layer: a model of which mutations decode_request(verify=True) must refuse.
-# Field byte ranges of the 236-byte base request (PROTOCOL.md §4.2).
+# Field byte ranges of the 236-byte base request (docs/protocol.md, The base request).
 BASE_FIELDS = [
     ("minor", 0, 2),
     ("major", 2, 4),

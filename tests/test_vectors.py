@@ -3,7 +3,8 @@
 Every PDU decodes to what the capture's independent dissector says; every KMS request
 decodes; and replaying each client stream into kmsd's connection and host, with the
 recorded random values, reproduces the server's stream byte for byte, except where the
-recorded server had a bug that PROTOCOL.md tells us not to copy (each such patch is
+recorded server had a bug that kmsd does not copy (docs/protocol.md, Where other
+implementations differ) (each such patch is
 listed in `known_deviations`).
 """
 
@@ -160,7 +161,8 @@ def server_options(vector: dict[str, Any]) -> tuple[HostPolicy, bool, bool, int]
 
 
 def known_deviations(vector: dict[str, Any], index: int, expected: bytes, request: bytes) -> bytes:
-    """Patch a recorded server PDU where the recorded server is wrong (PROTOCOL.md §12)."""
+    """Patch a recorded server PDU where the recorded server is wrong (docs/protocol.md,
+    "Where other implementations differ")."""
     dec = vector["decoded"][index]
     kind = dec["header"]["ptype"]
     out = bytearray(expected)
@@ -169,7 +171,7 @@ def known_deviations(vector: dict[str, Any], index: int, expected: bytes, reques
     if kind == "fault":
         out[12:16] = request[12:16]  # vlmcsd: constant call_id 2 instead of the request's
         out[22:24] = b"\x00\x00"  # vlmcsd: uninitialised cancel_count and reserved byte
-        out[20:22] = request[20:22]  # p_cont_id: vlmcsd 0; we echo the request's (§3.10)
+        out[20:22] = request[20:22]  # p_cont_id: vlmcsd 0; we echo the request's
     if kind == "bind_ack" and vector["name"].startswith("pykms"):
         out[3] = (out[3] & ~0x10) | (request[3] & 0x10)  # py-kms: always sets CONC_MPX
     return bytes(out)

@@ -1,4 +1,5 @@
-"""What a strict client checks in every PDU and reply it receives (PROTOCOL.md §3.6, §6).
+"""What a strict client checks in every PDU and reply it receives (docs/protocol.md,
+"What a strict client checks").
 
 Each failed check raises NotGenuine naming it; the check names are stable (they appear
 in `kmsclient --json` output and exit status 6). Checks that vlmcs only warns about are
@@ -76,7 +77,7 @@ class Offered:
 
 
 def check_bind_ack(ack: BindAck, offered: list[Offered], warnings: list[str]) -> dict[int, bool]:
-    """The bind_ack checks vlmcs makes (PROTOCOL.md §3.6); returns the accepted contexts
+    """The bind_ack checks vlmcs makes (docs/protocol.md, Binding); returns the accepted contexts
     (p_cont_id -> NDR64)."""
     kind = "alter_context_resp" if ack.alter else "bind_ack"
     if len(ack.results) != len(offered):
@@ -155,7 +156,7 @@ def _parse_epid(text: str) -> Epid:
 
 
 def verify_reply(base: BaseRequest, iv: bytes, payload: bytes) -> Verified:
-    """§6 items 3-14 (kms.decode_response), then the ePID's structure."""
+    """The KMS reply's checks (kms.decode_response), then the ePID's structure."""
     reply = decode_response(base, iv, payload)
     try:
         epid = _parse_epid(reply.base.epid)

@@ -1,4 +1,5 @@
-"""The client side of one DCE-RPC connection to a KMS host, sans-IO (PROTOCOL.md §3, §6).
+"""The client side of one DCE-RPC connection to a KMS host, sans-IO (docs/protocol.md,
+"DCE-RPC" and "What a strict client checks").
 
 `RpcClient` makes the bind, the alter_context and the request PDUs and checks each PDU
 received the way vlmcs does (kmsd.protocol.checks); an adapter moves the bytes. Requests
@@ -150,7 +151,7 @@ class RpcClient:
     @property
     def needs_alter_context(self) -> bool:
         """vlmcs makes its first call in NDR32 on context 0: when the bind accepted only
-        NDR64, it first asks for NDR32 with an alter_context (PROTOCOL.md §3.7)."""
+        NDR64, it first asks for NDR32 with an alter_context (docs/protocol.md, Binding)."""
         return 0 not in self.contexts
 
     def alter_context(self) -> bytes:

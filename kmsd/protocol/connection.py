@@ -1,4 +1,4 @@
-"""The server side of one DCE-RPC connection, sans-IO (PROTOCOL.md §3, §5.1, §8).
+"""The server side of one DCE-RPC connection, sans-IO (docs/protocol.md, DCE-RPC, Binding).
 
 Feed it the bytes that arrive; it answers binds and alter_contexts itself and hands
 back each complete RequestActivation call for the host to answer. It never raises on
@@ -301,7 +301,7 @@ class ServerConnection:
             call_id=bind.call_id,
             results=tuple(results),
             sec_addr=b"" if bind.alter else self._sec_addr,
-            # Echo the multiplexing bit in bind_ack only (PROTOCOL.md §3.3).
+            # Echo the multiplexing bit in bind_ack only (docs/protocol.md, DCE-RPC).
             flags=WHOLE | (0 if bind.alter else bind.flags & Flags.CONC_MPX),
             max_xmit_frag=max(MUST_RECV_FRAG, min(bind.max_recv_frag, self._max_pdu)),
             max_recv_frag=max(MUST_RECV_FRAG, min(bind.max_xmit_frag, self._max_pdu)),

@@ -1,4 +1,4 @@
-"""Block ciphers and MACs of the KMS protocol (PROTOCOL.md §4.4, §4.5, §4.8).
+"""Block ciphers and MACs of the KMS protocol (docs/protocol.md, KMS messages).
 
 V4's 160-bit-key Rijndael and V6's AES with three altered round-key bytes cannot be
 expressed with a standard library, so they are written here once, as a table-driven
@@ -28,7 +28,7 @@ K4 = bytes.fromhex("053d8307f9e5f088eb5ea6686cf037c7e4efd2d6")
 K5 = bytes.fromhex("cd7e796f2ab25dcb55ffc8ef8364c470")
 K6 = bytes.fromhex("a94a4195e201432d9bcb460405d84a21")
 
-# V6 HMAC key derivation constants (PROTOCOL.md §4.8).
+# V6 HMAC key derivation constants (docs/protocol.md, V5 and V6 responses).
 C1 = 0x00000022816889BD
 C2 = 0x000000208CBAB5ED
 C3 = 0x3156CD5AC628477A
@@ -91,7 +91,8 @@ TE = _tables(SBOX, (2, 1, 1, 3))
 TD = _tables(INV_SBOX, (14, 9, 13, 11))
 _RCON = [0x01, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40, 0x80, 0x1B, 0x36]
 
-# Round-key word index -> XOR mask: byte 0 of round keys 4, 6 and 8 (PROTOCOL.md §4.4).
+# Round-key word index -> XOR mask: byte 0 of round keys 4, 6 and 8 (docs/protocol.md,
+# V5 and V6 requests).
 V6_TWEAK = {16: 0x73 << 24, 24: 0x09 << 24, 32: 0xE4 << 24}
 
 
@@ -435,7 +436,7 @@ E6: BlockCipher = Rijndael(K6, V6_TWEAK)
 
 
 def mac4(message: bytes) -> bytes:
-    """V4 MAC: CBC-MAC under E4 with "10*" padding and no subkeys (PROTOCOL.md §4.5)."""
+    """V4 MAC: CBC-MAC under E4 with "10*" padding and no subkeys (docs/protocol.md, V4)."""
     padded = message + b"\x80" + b"\x00" * (-(len(message) + 1) % BLOCK)
     return E4.cbc_mac(padded)
 

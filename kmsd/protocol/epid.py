@@ -1,4 +1,5 @@
-"""Extended product IDs (ePIDs) of a KMS host and the host's HWID (PROTOCOL.md §7)."""
+"""Extended product IDs (ePIDs) of a KMS host and the host's HWID (docs/protocol.md,
+"ePID and HWID")."""
 
 from __future__ import annotations
 

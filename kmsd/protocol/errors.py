@@ -1,4 +1,5 @@
-"""Status codes of the protocol (PROTOCOL.md §3.10, §10) and the exceptions that carry them."""
+"""Status codes of the protocol (docs/protocol.md, "The call" and "HRESULTs") and the
+exceptions that carry them."""
 
 from __future__ import annotations
 
@@ -64,7 +65,8 @@ class StubError(Exception):
 
 
 class NotGenuine(Exception):
-    """A reply that fails a check a strict client makes (PROTOCOL.md §6); `check` names it."""
+    """A reply that fails a check a strict client makes (docs/protocol.md, "What a strict
+    client checks"); `check` names it."""
 
     def __init__(self, check: str, detail: str) -> None:
         super().__init__(f"{check}: {detail}")

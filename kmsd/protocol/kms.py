@@ -1,4 +1,5 @@
-"""KMS messages V4, V5 and V6: base request/response and their envelopes (PROTOCOL.md §4).
+"""KMS messages V4, V5 and V6: base request/response and their envelopes (docs/protocol.md,
+"KMS messages").
 
 Both directions live here, so the host and the client share one definition of every
 structure. Nothing here draws randomness: salts and IVs are arguments.
@@ -74,7 +75,7 @@ def _utf16z_decode(raw: bytes) -> str:
 
 @dataclass(slots=True)  # made per request; not frozen, whose __init__ costs 3x
 class BaseRequest:
-    """The 236-byte base request, the same for every protocol version (§4.2)."""
+    """The 236-byte base request, the same for every protocol version (docs/protocol.md)."""
 
     major: int
     minor: int
@@ -155,7 +156,7 @@ def _epid_field(epid: str) -> bytes:
 
 @dataclass(slots=True)  # made per request; not frozen, whose __init__ costs 3x
 class BaseResponse:
-    """The base response, 44 bytes plus the ePID (§4.3)."""
+    """The base response, 44 bytes plus the ePID (docs/protocol.md)."""
 
     major: int
     minor: int
@@ -305,7 +306,7 @@ def encode_request(base: BaseRequest, *, iv: bytes = b"") -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class KmsResponse:
-    """A response that passed every check of PROTOCOL.md §6."""
+    """A response that passed every check in docs/protocol.md, What a strict client checks."""
 
     base: BaseResponse
     hwid: bytes = b""  # V6

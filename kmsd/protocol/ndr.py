@@ -1,4 +1,4 @@
-"""NDR32 and NDR64 stubs of RequestActivation (PROTOCOL.md §3.9).
+"""NDR32 and NDR64 stubs of RequestActivation (docs/protocol.md, The call).
 
 in:  int requestSize, [size_is(requestSize)] byte request[]   (reference pointer, no referent)
 out: int *responseSize, [size_is(,*responseSize)] byte **response (unique pointer), int return

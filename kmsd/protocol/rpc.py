@@ -1,4 +1,4 @@
-"""DCE-RPC connection-oriented PDUs used by KMS (PROTOCOL.md §3), encode and decode.
+"""DCE-RPC connection-oriented PDUs used by KMS (docs/protocol.md, DCE-RPC), encode and decode.
 
 Every PDU is a frozen dataclass with `encode()`; `parse_pdu()` turns one complete PDU
 (framed by its frag_length) back into one. Only little-endian, unauthenticated PDUs are
