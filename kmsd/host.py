@@ -49,6 +49,17 @@ class HostPolicy:
     fixed_count: int | None = None  # lab override: report this count to everyone
     precharge: int = 0  # lab override: report as if this many other clients were counted
 
+    def reported(self, counted: int) -> int:
+        """The count clients are told when `counted` clients are in the table."""
+        return self.fixed_count if self.fixed_count is not None else counted + self.precharge
+
+    @property
+    def override(self) -> str | None:
+        """The lab override in force, in words ("precharge 24"); None: the real count."""
+        if self.fixed_count is not None:
+            return f"fixed count {self.fixed_count}"
+        return f"precharge {self.precharge}" if self.precharge else None
+
 
 @dataclass(frozen=True, slots=True)
 class _Product:
@@ -102,17 +113,20 @@ class KmsHost:
             return epid
         return self.identity.epids[self.products.csvlk_for(application, kms_id).key]
 
+    def _describe(self, base: BaseRequest) -> _Product:
+        db = self.products
+        app = db.applications.get(base.application_id)
+        return _Product(
+            db.product_name(base.sku_id, base.kms_id, base.application_id),
+            app.name if app else str(base.application_id),
+            base.kms_id in db.kms_items,
+            db.csvlk_for(base.application_id, base.kms_id).key,
+        )
+
     def _product(self, request: KmsRequest) -> _Product:
         product = self._known_products.get(request.product_ids)
         if product is None:
-            base, db = request.base, self.products
-            app = db.applications.get(base.application_id)
-            product = _Product(
-                db.product_name(base.sku_id, base.kms_id, base.application_id),
-                app.name if app else str(base.application_id),
-                base.kms_id in db.kms_items,
-                db.csvlk_for(base.application_id, base.kms_id).key,
-            )
+            product = self._describe(request.base)
             if len(self._known_products) >= _MAX_PRODUCTS:
                 self._known_products.clear()
             if request.product_ids:
@@ -149,16 +163,18 @@ class KmsHost:
         """Check a request against the policy, record it and return the count to report
         (the lab overrides apply here); raises KmsError with the HRESULT to answer."""
         self.check(base, now)
-        counted = self.counter.count(base, now, address)
-        policy = self.policy
-        return policy.fixed_count if policy.fixed_count is not None else counted + policy.precharge
+        return self.policy.reported(self.counter.count(base, now, address))
 
     def answer(self, message: bytes, now: float, address: str = "") -> tuple[bytes, Activation]:
         """Answer one KMS request from `address`; raises KmsError when the answer is an
         HRESULT."""
         request = decode_request(message, verify=self.policy.verify)
         base = request.base
-        count = self.count(base, now, address)
+        try:
+            count = self.count(base, now, address)
+        except KmsError as exc:
+            exc.request = base  # decoded: the refusal can say what was asked for
+            raise
         product = self._product(request)
         overrides = self.identity.overrides
         epid = overrides.get(base.kms_id) if overrides else None
@@ -192,3 +208,8 @@ class KmsHost:
             known=product.known,
         )
         return payload, activation
+
+    def names(self, base: BaseRequest) -> tuple[str, str]:
+        """(application, product) as logs and metrics name them (for a refused request)."""
+        product = self._describe(base)
+        return product.application, product.name

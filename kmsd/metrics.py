@@ -97,17 +97,32 @@ class Metrics:
         )
 
     def refusal(
-        self, hresult: int, version: tuple[int, int] | None, address: str, now: float
+        self,
+        hresult: int,
+        version: tuple[int, int] | None,
+        address: str,
+        now: float,
+        *,
+        application: str = UNKNOWN,
+        product: str = UNKNOWN,
+        workstation: str = "",
     ) -> None:
-        """A request answered with an HRESULT (its product is not known: it may not even
-        have decoded); `version`: the one it claims (kmsd.protocol.connection.Call)."""
+        """A request answered with an HRESULT; `version`: the one it claims
+        (kmsd.protocol.connection.Call); what it named when it decoded (names outside the
+        product list are counted as unknown, as for activations)."""
+        if application not in self._applications:
+            application = UNKNOWN
+        if product not in self._products:
+            product = UNKNOWN
         code = f"0x{hresult:08X}"
         protocol = _protocol(version)
         result = f"refused-{code}"
-        key = (UNKNOWN, UNKNOWN, protocol, result)
+        key = (application, product, protocol, result)
         self.activations[key] = self.activations.get(key, 0) + 1
         self.error("kms_error", _HRESULTS.get(hresult, code))
-        self.recent.append((now, address, "", UNKNOWN, UNKNOWN, protocol, 0, 0, result))
+        self.recent.append(
+            (now, address, workstation, application, product, protocol, 0, 0, result)
+        )
 
     def bad_input(self, refusal: Fault | BindNak | None) -> None:
         """The fault or bind_nak the connection answered bad input with (Send.refusal)."""
@@ -144,6 +159,8 @@ class Metrics:
         tables: Iterable[tuple[str, int, int]] = (),
         ready: bool = True,
         loop_lag: float = 0.0,
+        reported: Callable[[int], int] = int,
+        override: tuple[int, int | None] = (0, None),
     ) -> str:
         """The Prometheus text exposition (version 0.0.4) of everything counted."""
         out: list[str] = []
@@ -175,6 +192,24 @@ class Metrics:
         family("kmsd_client_table_capacity", "gauge", "Client table capacity, per application.")
         for app, _, capacity in table_rows:
             sample("kmsd_client_table_capacity", {"application": app}, capacity)
+        family(
+            "kmsd_reported_count",
+            "gauge",
+            "The count clients are told now, per application (kmsd_clients with the lab "
+            "overrides applied).",
+        )
+        for app, count, _ in table_rows:
+            sample("kmsd_reported_count", {"application": app}, reported(count))
+        precharge, fixed_count = override
+        family(
+            "kmsd_lab_override",
+            "gauge",
+            "Lab overrides of the count in force: precharge (added) and fixed_count "
+            "(reported to everyone; absent when off).",
+        )
+        sample("kmsd_lab_override", {"override": "precharge"}, precharge)
+        if fixed_count is not None:
+            sample("kmsd_lab_override", {"override": "fixed_count"}, fixed_count)
         family(
             "kmsd_errors_total",
             "counter",

@@ -19,7 +19,7 @@ from .addresses import is_ip, join_host_port
 from .commit import Commit
 from .host import KmsHost
 from .limits import Admission, Network, source_of
-from .metrics import Metrics
+from .metrics import UNKNOWN, Metrics
 from .protocol.connection import (
     AssociationGroups,
     BindAnswers,
@@ -366,13 +366,32 @@ class _KmsProtocol(asyncio.Protocol):
         try:
             payload, activation = self.server.host.answer(call.payload, now, self.peer)
         except KmsError as exc:
+            asked = exc.request
+            named: dict[str, str] = {}
+            if asked is not None:  # decoded: keep what the request named
+                application, product = self.server.host.names(asked)
+                named = {
+                    "cmid": str(asked.client_machine_id),
+                    "workstation": asked.workstation,
+                    "application": application,
+                    "product": product,
+                }
             log.warning(
                 "request refused",
                 client=self.peer,
                 reason=exc.reason,
                 hresult=f"0x{exc.hresult:08X}",
+                **named,
             )
-            self.server.metrics.refusal(exc.hresult, call.version, self.peer, now)
+            self.server.metrics.refusal(
+                exc.hresult,
+                call.version,
+                self.peer,
+                now,
+                application=named.get("application", UNKNOWN),
+                product=named.get("product", UNKNOWN),
+                workstation=named.get("workstation", ""),
+            )
             return call.reply_error(exc.hresult)
         request = activation.request
         protocol = f"{request.major}.{request.minor}"

@@ -28,7 +28,7 @@ import sqlite3
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Any, TypeVar
 from urllib.parse import quote
@@ -1022,9 +1022,24 @@ class ClientRow:
 @dataclass(frozen=True)
 class AppStats:
     application: str
-    count: int
+    count: int  # what clients are told: the clients counted, lab overrides applied
+    counted: int  # clients in the table whose record still counts
     capacity: int
-    thresholds: dict[int, bool]  # N-count policy seen -> reached
+    thresholds: dict[int, bool]  # N-count policy seen -> reached (by `count`)
+    override: str | None = None  # the lab override in force ("precharge 24"), if any
+
+
+def as_reported(
+    stats: list[AppStats], reported: Callable[[int], int], override: str | None
+) -> list[AppStats]:
+    """`stats` as clients see them: `reported` (HostPolicy.reported) turns the clients
+    counted into the count they are told; thresholds are reached by that count."""
+    out = []
+    for s in stats:
+        count = reported(s.counted)
+        reached = {n: count >= n for n in s.thresholds}
+        out.append(replace(s, count=count, thresholds=reached, override=override))
+    return out
 
 
 def app_name(app: str) -> str:
@@ -1095,7 +1110,7 @@ def read_stats(db: sqlite3.Connection, now: float, lifetime: float) -> list[AppS
                 "SELECT DISTINCT required FROM clients WHERE application = ?", (app,)
             )
         )
-        out.append(AppStats(app_name(app), count, capacity, {n: count >= n for n in seen}))
+        out.append(AppStats(app_name(app), count, count, capacity, {n: count >= n for n in seen}))
     return out
 
 

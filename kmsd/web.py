@@ -33,7 +33,7 @@ from .addresses import is_ip, join_host_port
 from .cache import MemoryCounter
 from .metrics import UNKNOWN
 from .server import KmsServer
-from .store import SqliteStore, StoreError, app_name, resolve_app
+from .store import AppStats, SqliteStore, StoreError, app_name, as_reported, resolve_app
 
 log = structlog.get_logger("kmsd")
 
@@ -285,11 +285,14 @@ class AdminServer:
         return Response(200, self.page, HTML, {"Content-Security-Policy": self.policy})
 
     async def metrics_text(self, _: dict[str, list[str]]) -> Response:
+        policy = self.kms.host.policy
         text = self.metrics.render(
             open_connections=len(self.kms.connections),
             tables=self.tables(),
             ready=self.ready()[0],
             loop_lag=self.loop_lag,
+            reported=policy.reported,
+            override=(policy.precharge, policy.fixed_count),
         )
         return Response(200, text, METRICS)
 
@@ -318,8 +321,14 @@ class AdminServer:
         return await self._api(lambda store: store.clients(now, app))
 
     async def api_stats(self, _: dict[str, list[str]]) -> Response:
+        """`kmsd stats --json`: the count clients are told (lab overrides applied)."""
         now = self.kms.clock()
-        return await self._api(lambda store: store.stats(now))
+        policy = self.kms.host.policy
+
+        async def read(store: SqliteStore) -> list[AppStats]:
+            return as_reported(await store.stats(now), policy.reported, policy.override)
+
+        return await self._api(read)
 
     async def api_status(self, _: dict[str, list[str]]) -> Response:
         """What the status page shows beside the table: health, connections, recent

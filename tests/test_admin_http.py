@@ -69,11 +69,11 @@ class Served:
         return self.admin.address
 
 
-async def serve(path: str) -> Served:
+async def serve(path: str, policy: HostPolicy = HostPolicy()) -> Served:
     store = SqliteStore(table_settings(path), known=frozenset(DB.applications))
     identity = HostIdentity(hwid=bytes.fromhex("0123456789abcdef"))
     identity.complete(DB, os.urandom, time.time())
-    host = KmsHost(store, identity, HostPolicy())
+    host = KmsHost(store, identity, policy)
     store.start(asyncio.get_running_loop())
     kms = KmsServer(host, server_settings(), store=store)
     await kms.start()
@@ -222,8 +222,8 @@ async def test_metrics_after_known_activations(served: Served) -> None:
         )
         == 1
     )
-    refused = {"application": "unknown", "product": "unknown", "protocol": "6.0"}
-    assert value(m, act, **refused, result="refused-0x8007000D") == 1
+    # Refused after decoding: labelled with what the request named.
+    assert value(m, act, **win, protocol="6.0", result="refused-0x8007000D") == 1
     assert sum(v for (name, _), v in m.items() if name == act) == 7
     assert value(m, "kmsd_clients", application="Windows") == 6
     assert value(m, "kmsd_client_table_capacity", application="Windows") == 50
@@ -337,10 +337,84 @@ async def test_memory_database_is_read_between_commits(tmp_path: Path) -> None:
         assert [c["workstation"] for c in clients] == ["ram.lab.test"]
         stats = await get_json(served.address, "/api/stats")
         assert stats == [
-            {"application": "Windows", "count": 1, "capacity": 50, "thresholds": {"25": False}}
+            {
+                "application": "Windows",
+                "count": 1,
+                "counted": 1,
+                "capacity": 50,
+                "thresholds": {"25": False},
+                "override": None,
+            }
         ]
     finally:
         await shut(served)
+
+
+@pytest.mark.parametrize(
+    ("policy", "told", "override", "gauges"),
+    [
+        (HostPolicy(precharge=24), 26, "precharge 24", {"precharge": 24}),
+        (HostPolicy(fixed_count=50), 50, "fixed count 50", {"precharge": 0, "fixed_count": 50}),
+    ],
+)
+async def test_stats_show_the_count_clients_are_told(
+    tmp_path: Path, policy: HostPolicy, told: int, override: str, gauges: dict[str, int]
+) -> None:
+    """With a lab override the API, the metrics and the status page say what clients get."""
+    assert WIN
+    served = await serve(str(tmp_path / "kmsd.db"), policy)
+    try:
+        conn = await KmsConnection.open(*served.kms_address)
+        counts = [(await conn.activate(base_request(WIN))).base.count for _ in range(2)]
+        await conn.close()
+        assert counts[-1] == told
+        stats = await get_json(served.address, "/api/stats")
+        assert stats == [
+            {
+                "application": "Windows",
+                "count": told,
+                "counted": 2,
+                "capacity": 50,
+                "thresholds": {"25": True},
+                "override": override,
+            }
+        ]
+        m = await metrics(served.address)
+        assert value(m, "kmsd_clients", application="Windows") == 2
+        assert value(m, "kmsd_reported_count", application="Windows") == told
+        shown = {dict(k)["override"]: v for (n, k), v in m.items() if n == "kmsd_lab_override"}
+        assert shown == gauges
+        _, _, page = await http(served.address, "/")
+        assert b"lab override: ${s.override} (${s.counted} counted)" in page
+    finally:
+        await shut(served)
+
+
+async def test_strict_refusals_keep_what_the_request_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    home = DB.sku_by_name("Windows 10/11 Home")
+    assert home
+    served = await serve(str(tmp_path / "kmsd.db"), HostPolicy(strict=True))
+    try:
+        conn = await KmsConnection.open(*served.kms_address)
+        request = base_request(home, workstation="retail.lab.test")
+        with pytest.raises(HostRefused):
+            await conn.activate(request)
+        await conn.close()
+        m = await metrics(served.address)
+        labels = {"application": "Windows", "product": "Windows 10/11 Home", "protocol": "6.0"}
+        assert value(m, "kmsd_activations_total", **labels, result="refused-0xC004F042") == 1
+        status = await get_json(served.address, "/api/status")
+        assert isinstance(status, dict)
+        assert status["recent"][0]["workstation"] == "retail.lab.test"
+        assert status["recent"][0]["product"] == "Windows 10/11 Home"
+    finally:
+        await shut(served)
+    logged = capsys.readouterr()
+    line = next(x for x in (logged.out + logged.err).splitlines() if "request refused" in x)
+    assert str(request.client_machine_id) in line and "retail.lab.test" in line
+    assert "Windows 10/11 Home" in line
 
 
 async def test_health_and_readiness(served: Served) -> None:

@@ -168,7 +168,7 @@ def test_help_explains_the_options() -> None:
         (["--epid", "Windows 10/11 Enterprise=not-an-epid"], "does not have the form"),
         (
             ["--epid", "No Such Product=03612-00206-556-123727-03-1033-17763.0000-2972018"],
-            "neither a GUID nor a known",
+            "unknown product 'No Such Product' (a KMS ID, KMS group or product name)",
         ),
         (["--max-pdu", "100"], "must be between 1432 and 65535"),
     ],

@@ -4,6 +4,10 @@ exceptions that carry them."""
 from __future__ import annotations
 
 from enum import IntEnum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .kms import BaseRequest
 
 
 class HResult(IntEnum):
@@ -58,6 +62,7 @@ class KmsError(Exception):
         super().__init__(reason if code in reason else f"{reason} (HRESULT {code} {name})")
         self.hresult = hresult  # an HResult, or (received from a host) any code
         self.reason = reason
+        self.request: BaseRequest | None = None  # set when the request had been decoded
 
 
 class StubError(Exception):
