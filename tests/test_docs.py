@@ -76,3 +76,24 @@ def test_port_1688_is_not_said_to_need_root() -> None:
     assert all(not needs_root.search(o.help) for o in config.BY_NAME.values())
     readme = (ROOT / "README.md").read_text()
     assert "| `--hwid HEX16` | random per start |" not in readme
+
+
+def test_every_place_that_installs_kmsd_agrees() -> None:
+    """README quick start (pipx), the systemd unit, the Containerfile and CI: one path."""
+    from tests import readme
+
+    quick = readme.command("quick-start")
+    bin_dir = re.search(r"PIPX_BIN_DIR=(\S+)", quick)
+    assert bin_dir and "pipx install" in quick
+    unit = (ROOT / "systemd" / "kmsd.service").read_text()
+    assert f"ExecStart={bin_dir.group(1)}/kmsd\n" in unit
+    # The image's Python is the official image's, prefix /usr/local: pip puts kmsd there too.
+    containerfile = (ROOT / "deploy" / "Containerfile").read_text()
+    assert re.search(r"^FROM python:\S+-slim", containerfile, re.M)
+    assert bin_dir.group(1) == "/usr/local/bin"
+    # CI runs the README's test command itself, which makes its own virtual environment.
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "command=$(python3 tests/readme.py test)" in ci and 'eval "$command"' in ci
+    test = readme.command("test")
+    assert "python3 -m venv .venv" in test and test.endswith(".venv/bin/python -m pytest")
+    assert "pip install ." not in readme.README.read_text().replace(".venv/bin/pip install", "")
