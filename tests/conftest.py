@@ -224,6 +224,14 @@ def kmsd_process() -> Iterator[KmsdProcess]:
     stop_kmsd(kmsd)
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start the minutes-long pristine Debian check now, to run beside the other tests."""
+    if any(item.name == "test_readme_setup_on_pristine_debian" for item in session.items):
+        from tests.test_pristine_debian import start_in_background
+
+        start_in_background()
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     """The time each README command took on the pristine Debian root, when that check ran."""
     from tests.test_pristine_debian import TIMINGS
