@@ -50,6 +50,8 @@ SYSTEM_MODULES = frozenset(
         "test_inert",
         "test_logs",
         "test_pipe",
+        "test_pristine_debian",
+        "test_readme_commands",
         "test_reload",
         "test_server",
         "test_store",

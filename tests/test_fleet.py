@@ -267,6 +267,7 @@ def closed_port() -> tuple[socket.socket, int]:
     return held, held.getsockname()[1]
 
 
+@pytest.mark.system
 def test_cli_simulate_against_a_closed_port_fails(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -283,6 +284,7 @@ def test_cli_simulate_against_a_closed_port_fails(
     )
 
 
+@pytest.mark.system
 async def test_loopback_counts_daemons_that_do_not_answer(tmp_path: Path) -> None:
     held, port = closed_port()
     with held:

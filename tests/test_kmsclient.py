@@ -172,6 +172,7 @@ async def test_refused_by_hresult() -> None:
 
 
 @pytest.mark.system
+@pytest.mark.system
 async def test_retail_refusal_is_named_and_its_hresult_printed_once() -> None:
     srv = KmsServer(make_host(HostPolicy(strict=True)), server_settings())
     await srv.start()
@@ -233,6 +234,7 @@ async def test_charge_stops_when_the_count_does_not_grow() -> None:
     assert not data["reached"] and "did not grow" in data["stopped"]
 
 
+@pytest.mark.system
 async def test_load_names_a_refused_connection_apart_from_a_refusal() -> None:
     """ "refused" is the word for a host's HRESULT answer; a closed port is another failure."""
     with socket.socket() as held:  # bound, not listening: connections are refused

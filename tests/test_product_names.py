@@ -132,6 +132,7 @@ def test_scenario_files_take_the_same_names() -> None:
         from_dict({"groups": [{"name": "w", "product": "Widnows 11 Pro", "count": 1}]})
 
 
+@pytest.mark.system
 def test_kmsclient_product_errors_take_one_line() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "kmsclient", "activate", "127.0.0.1:9", "--product", "Office 2021"],
