@@ -160,7 +160,7 @@ def run_command(name: str, argv: Sequence[str]) -> int:
         return check.run(settings.dns, sys.stdout)
     from . import tablecmd
 
-    return tablecmd.run(name, args, settings.table)
+    return tablecmd.run(name, args, settings.table, settings.host.policy)
 
 
 if __name__ == "__main__":

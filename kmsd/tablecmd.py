@@ -17,12 +17,14 @@ from dataclasses import asdict
 from typing import Any, TextIO
 from uuid import UUID
 
+from .host import HostPolicy
 from .store import (
     FORGET,
     RESET,
     StoreError,
     StoreSettings,
     app_name,
+    as_reported,
     change,
     connect,
     read_clients,
@@ -98,17 +100,24 @@ def build_parser(
 
 
 def run(
-    command: str, args: argparse.Namespace, table: StoreSettings, out: TextIO = sys.stdout
+    command: str,
+    args: argparse.Namespace,
+    table: StoreSettings,
+    policy: HostPolicy = HostPolicy(),
+    out: TextIO = sys.stdout,
 ) -> int:
-    """Run a table command on the database of `table`; the exit status."""
+    """Run a table command on the database of `table`; the exit status. `policy`: the
+    daemon's, whose lab overrides `stats` applies to show the count clients are told."""
     try:
-        return _run(command, args, table, out)
+        return _run(command, args, table, policy, out)
     except StoreError as exc:
         print(f"kmsd {command}: {exc}", file=sys.stderr)
         return 1
 
 
-def _run(command: str, args: argparse.Namespace, table: StoreSettings, out: TextIO) -> int:
+def _run(
+    command: str, args: argparse.Namespace, table: StoreSettings, policy: HostPolicy, out: TextIO
+) -> int:
     now, lifetime = time.time(), table.lifetime
     if command in ("clients", "stats"):
         db = connect(table.path, create=False)
@@ -139,12 +148,14 @@ def _run(command: str, args: argparse.Namespace, table: StoreSettings, out: Text
                 ]
                 emit(clients, header, cells, args.json, out)
             else:
-                stats = read_stats(db, now, lifetime)
-                header = ["APPLICATION", "COUNT", "CAPACITY", "THRESHOLDS"]
+                counted = read_stats(db, now, lifetime)
+                stats = as_reported(counted, policy.reported, policy.override)
+                header = ["APPLICATION", "COUNT", "COUNTED", "CAPACITY", "THRESHOLDS"]
                 cells = [
                     [
                         r.application,
                         str(r.count),
+                        str(r.counted),
                         str(r.capacity),
                         ", ".join(
                             f"{n}: {'reached' if ok else 'not reached'}"
@@ -154,6 +165,12 @@ def _run(command: str, args: argparse.Namespace, table: StoreSettings, out: Text
                     for r in stats
                 ]
                 emit(stats, header, cells, args.json, out)
+                if policy.override and not args.json:
+                    print(
+                        f"lab override {policy.override}: COUNT is what clients are told, "
+                        "COUNTED the clients in the table",
+                        file=out,
+                    )
         finally:
             db.close()
         return 0

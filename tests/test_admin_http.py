@@ -325,6 +325,30 @@ async def test_json_api_is_what_the_cli_prints(tmp_path: Path) -> None:
     assert not [e for e in kmsd.log if e.get("level") == "error"]
 
 
+async def test_kmsd_stats_shows_what_the_daemon_tells_clients(tmp_path: Path) -> None:
+    """kmsd stats reads the daemon's configuration (here a file), so with a lab override it
+    prints the count clients are told, like /api/stats."""
+    assert WIN
+    path = str(tmp_path / "kmsd.db")
+    conf = tmp_path / "kmsd.toml"
+    conf.write_text("[table]\nprecharge = 24\n")
+    kmsd = start_kmsd("--admin", f"{LOOPBACK}:0", "--config", str(conf), db=path)
+    try:
+        assert await activate(kmsd, base_request(WIN)) == 25
+        status, _, body = await http(admin_address(kmsd), "/api/stats")
+        assert status == 200
+        assert body.decode() == cli_json("stats", "--db", path, "--config", str(conf))
+        (row,) = json.loads(body)
+        assert (row["count"], row["counted"], row["override"]) == (25, 1, "precharge 24")
+        text = subprocess.run(
+            [sys.executable, "-m", "kmsd", "stats", "--db", path, "--config", str(conf)],
+            capture_output=True, text=True, timeout=30, check=True,
+        ).stdout  # fmt: skip
+        assert "lab override precharge 24: COUNT is what clients are told" in text
+    finally:
+        assert stop_kmsd(kmsd) == 0
+
+
 async def test_memory_database_is_read_between_commits(tmp_path: Path) -> None:
     assert WIN
     served = await serve(MEMORY)
