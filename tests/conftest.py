@@ -242,3 +242,24 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.section("README commands on a pristine Debian 12")
         for label, seconds in TIMINGS:
             terminalreporter.write_line(f"{seconds:8.1f} s  {label}")
+
+
+def read_until(fd: int, pattern: str, deadline: float) -> str:
+    """What `fd` gave until `pattern` appeared or the deadline (time.monotonic()) passed; read
+    unbuffered, so that select sees everything that arrived."""
+    seen = b""
+    while pattern.encode() not in seen and time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        chunk = os.read(fd, 65536) if ready else b""
+        if not chunk:
+            break
+        seen += chunk
+    return seen.decode(errors="replace")
+
+
+def free_tcp_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for programs that must be told a port up front)."""
+    with socket.socket() as probe:
+        probe.bind((LOOPBACK, 0))
+        port: int = probe.getsockname()[1]
+        return port

@@ -3,7 +3,6 @@ deploy/kmsd.toml's defaults, SECURITY.md's contact, what the README says about p
 
 from __future__ import annotations
 
-import itertools
 import re
 import tomllib
 from pathlib import Path
@@ -49,14 +48,22 @@ def test_kmsd_toml_shows_every_default_or_says_it_is_an_example() -> None:
     lines = (ROOT / "deploy" / "kmsd.toml").read_text().splitlines()
     assert lines[0].startswith("# kmsd configuration: every option, with its default")
     examples = 0
-    for before, line in itertools.pairwise(lines):
-        if line.startswith("# ") and " = " in line:
+    marker = ""  # "one": the next option line is an example; "many": all up to a blank line
+    for line in lines:
+        if not line.strip():
+            marker = ""
+        elif "the line below is an example" in line:
+            marker = "one"
+        elif "the lines below are examples" in line:
+            marker = "many"
+        elif line.startswith("# ") and " = " in line:
             key, value = line[2:].split(" = ", 1)
             option = config.BY_NAME[key]
             shown = config._from_toml(option, tomllib.loads(f"v = {value}")["v"])
-            if "the line below is an example" in before:
+            if marker:
                 examples += 1
                 assert shown != option.default, f"{key}: marked as an example but is the default"
+                marker = "" if marker == "one" else marker
             else:
                 assert shown == option.default, f"{key}: {value} is not the default"
     assert examples > 0

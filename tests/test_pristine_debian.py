@@ -21,9 +21,7 @@ import datetime as dt
 import json
 import os
 import re
-import select
 import shutil
-import socket
 import subprocess
 import tempfile
 import threading
@@ -34,6 +32,7 @@ from pathlib import Path
 import pytest
 
 from tests import readme
+from tests.conftest import free_tcp_port, read_until
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("KMSD_CI_CACHE", "/var/cache/kmsd-ci"))
@@ -243,34 +242,12 @@ def in_root(root: Path, command: str, label: str, timeout: float = 2700) -> str:
     return done.stdout
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-def wait_for_line(fd: int, pattern: str, deadline: float) -> str:
-    """What `fd` gave until a line containing `pattern` (read unbuffered: select sees it all)."""
-    seen = b""
-    while pattern.encode() not in seen and time.monotonic() < deadline:
-        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
-        chunk = os.read(fd, 65536) if ready else b""
-        if not chunk:
-            break
-        seen += chunk
-    text = seen.decode(errors="replace")
-    if pattern not in text:
-        pytest.fail(f"no {pattern!r} line before the deadline; kmsd said:\n{text}")
-    return text
-
-
 def check_readme_setup(debian: Path) -> None:
     # Quick start: everything before the final `kmsd`, then kmsd itself on a loopback port.
     *install, daemon = readme.split_and(readme.command("quick-start"))
     assert daemon.split()[0] == "kmsd", "the quick start ends by starting kmsd"
     in_root(debian, " && ".join(install), "quick start: install (apt-get pipx, pipx install)")
-    port = free_port()
+    port = free_tcp_port()
     started = time.monotonic()
     kmsd = subprocess.Popen(
         ["chroot", str(debian), "/usr/bin/env", "-i", *chroot_env(), "/bin/sh", "-c",
@@ -279,7 +256,9 @@ def check_readme_setup(debian: Path) -> None:
     )  # fmt: skip
     try:
         assert kmsd.stderr is not None
-        wait_for_line(kmsd.stderr.fileno(), "kmsd ready", time.monotonic() + 60)
+        said = read_until(kmsd.stderr.fileno(), "kmsd ready", time.monotonic() + 60)
+        if "kmsd ready" not in said:
+            pytest.fail(f"kmsd did not become ready in the pristine root:\n{said}")
         TIMINGS.append(("quick start: kmsd until ready", time.monotonic() - started))
         answer = json.loads(
             in_root(debian, f"kmsclient activate 127.0.0.1:{port} --json || [ $? = 3 ]",

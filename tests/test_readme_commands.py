@@ -15,10 +15,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import select
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -29,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from tests import readme
+from tests.conftest import free_tcp_port, read_until
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 120.0
@@ -91,18 +90,6 @@ def on_loopback(words: list[str]) -> list[str]:
     return out
 
 
-def read_until(fd: int, pattern: str, deadline: float) -> str:
-    """What `fd` gave until `pattern` (read unbuffered, so that select sees everything)."""
-    seen = b""
-    while pattern.encode() not in seen and time.monotonic() < deadline:
-        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
-        chunk = os.read(fd, 65536) if ready else b""
-        if not chunk:
-            break
-        seen += chunk
-    return seen.decode(errors="replace")
-
-
 class Daemon:
     """A README daemon line, running: started, ready, its log read all the time (so that
     it never stalls on a full pipe), stopped with SIGTERM and expected to exit 0."""
@@ -143,13 +130,6 @@ def run_client(words: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
         f"{shlex.join(words)} exited {done.returncode}:\n{done.stdout[-2000:]}{done.stderr[-2000:]}"
     )
     return done
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 class Host(Daemon):
@@ -196,7 +176,7 @@ def test_readme_block_runs(number: int, kmsd: Host, tmp_path: Path) -> None:
     script = "\n".join(lines)
     # A block that names its own ports and files (the clock-file example) gets its own.
     for port in sorted(set(re.findall(r"127\.0\.0\.1:(\d+)", script)) - {"1688"}):
-        script = script.replace(f"127.0.0.1:{port}", f"127.0.0.1:{free_port()}")
+        script = script.replace(f"127.0.0.1:{port}", f"127.0.0.1:{free_tcp_port()}")
     script = script.replace("/tmp/", f"{tmp_path}/")
     background: list[Daemon] = []
     try:
