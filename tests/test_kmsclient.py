@@ -172,7 +172,6 @@ async def test_refused_by_hresult() -> None:
 
 
 @pytest.mark.system
-@pytest.mark.system
 async def test_retail_refusal_is_named_and_its_hresult_printed_once() -> None:
     srv = KmsServer(make_host(HostPolicy(strict=True)), server_settings())
     await srv.start()
@@ -201,6 +200,7 @@ def test_host_refused_shows_the_code_received(code: int, text: str) -> None:
     assert "S_OK" not in failure.message and failure.message.count(f"0x{code:08X}") == 1
 
 
+@pytest.mark.system
 async def test_python_dash_m_and_usage_status() -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "kmsclient", "activate", "--help",
