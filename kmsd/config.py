@@ -190,12 +190,12 @@ class Target:
     """One domain to publish in, as the operator wrote it (like DnsDomainPublishList)."""
 
     zone: str
+    priority: int  # priority, weight, ttl: the [dns] publish_ options' defaults when unset
+    weight: int
+    ttl: int
     server: tuple[str, int] | None = None
     host: str | None = None
     address: tuple[str, ...] = ()
-    priority: int = 0
-    weight: int = 0
-    ttl: int = 600
     key: str | None = None  # TSIG key file
     keytab: str | None = None  # GSS-TSIG: keytab, principal, ccache, service
     principal: str | None = None
@@ -215,7 +215,7 @@ class Target:
                 parts += [f"address={a}" for a in value]
             elif name == "server" and value is not None:
                 parts.append(f"server={show_listen(value)}")
-            elif value is not None and value != getattr(Target, name, None):
+            elif value is not None and value != BY_NAME[f"publish_{name}"].default:
                 parts.append(f"{name}={value}")
         return " ".join(parts)
 
@@ -224,6 +224,7 @@ TARGET_KEYS = (
     "zone", "server", "host", "address", "priority", "weight", "ttl",
     "key", "keytab", "principal", "ccache", "service",
 )  # fmt: skip
+TARGET_DEFAULTED = ("priority", "weight", "ttl")
 
 
 def target_from_table(table: Mapping[str, Any]) -> Target:
@@ -233,21 +234,15 @@ def target_from_table(table: Mapping[str, Any]) -> Target:
         raise ValueError(f"unknown key {unknown[0]!r} (known: {', '.join(TARGET_KEYS)})")
     if "zone" not in table:
         raise ValueError("a target needs a zone")
-    parsers: dict[str, Callable[[str], Any]] = {
-        "zone": parse_zone,
-        "server": parse_dns_server,
-        "host": parse_zone,
-        "priority": number(int, 0, 65535),
-        "weight": number(int, 0, 65535),
-        "ttl": number(int, 0, 2147483647),
-    }
-    fields: dict[str, Any] = {}
+    # Each key is read as the [dns] option of its name (publish_KEY) is, with its default.
+    fields: dict[str, Any] = {n: BY_NAME[f"publish_{n}"].default for n in TARGET_DEFAULTED}
     for name, raw in table.items():
-        if name == "address":
+        option = BY_NAME[f"publish_{name}"]
+        if option.repeat:
             items = raw if isinstance(raw, list) else [raw]
-            fields[name] = tuple(parse_address(str(a)) for a in items)
+            fields[name] = tuple(option.parse(str(a)) for a in items)
         else:
-            fields[name] = parsers.get(name, str)(str(raw))
+            fields[name] = option.parse(str(raw))
     target = Target(**fields)
     if target.key is not None and target.gss:
         raise ValueError(
