@@ -252,7 +252,7 @@ async def test_load_interrupted_prints_what_was_measured(server: KmsServer) -> N
     loop = asyncio.get_running_loop()
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "kmsclient", "load", str(target_of(server)),
-        "--count", "1000000", "--duration", "120", "--loop", "asyncio",
+        "--count", "1000000", "--duration", "120", "--loop", "asyncio", "--concurrency", "4",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as from a terminal
     )  # fmt: skip
@@ -265,7 +265,8 @@ async def test_load_interrupted_prints_what_was_measured(server: KmsServer) -> N
     assert proc.returncode == 130, err.decode()
     assert text.startswith("Interrupted   (Ctrl-C) after "), text
     measured = re.search(r"^Activations   (\d+) of (\d+) attempts", text, re.M)
-    assert measured is not None and int(measured.group(1)) >= 20
+    # The host wrote 20 replies; each of the 4 clients may not have read its last one yet.
+    assert measured is not None and 20 - 4 <= int(measured.group(1)) <= int(measured.group(2))
     assert "Latency       p50 " in text
 
 
