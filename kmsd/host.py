@@ -180,15 +180,16 @@ class KmsHost:
         epid = overrides.get(base.kms_id) if overrides else None
         if epid is None:
             epid = self.identity.epids[product.csvlk]
-        response = BaseResponse(
-            major=base.major,
-            minor=base.minor,
-            epid=epid,
-            client_machine_id=base.client_machine_id,
-            request_time=base.request_time,
-            count=count,
-            activation_interval=self.policy.activation_interval,
-            renewal_interval=self.policy.renewal_interval,
+        policy = self.policy
+        response = BaseResponse(  # positional: cheaper than keywords, per request
+            base.major,
+            base.minor,
+            epid,
+            base.client_machine_id,
+            base.request_time,
+            count,
+            policy.activation_interval,
+            policy.renewal_interval,
         )
         salt = response_iv = b""
         if request.major == 5:
@@ -199,14 +200,7 @@ class KmsHost:
         payload = encode_response(
             request, response, salt=salt, response_iv=response_iv, hwid=self.identity.hwid
         )
-        activation = Activation(
-            request=base,
-            count=count,
-            epid=epid,
-            product=product.name,
-            application=product.application,
-            known=product.known,
-        )
+        activation = Activation(base, count, epid, product.name, product.application, product.known)
         return payload, activation
 
     def names(self, base: BaseRequest) -> tuple[str, str]:

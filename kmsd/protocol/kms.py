@@ -284,7 +284,7 @@ def encode_response(
     body = base.encode()
     if request.major == 4:
         return body + mac4(body)
-    version = struct.pack("<HH", request.minor, request.major)
+    version = _VERSION.pack(request.minor, request.major)
     extra = xor16(salt, request.dc) + sha256(salt)
     if request.major == 5:
         return version + request.iv + E5.cbc_encrypt(request.iv, pkcs7_pad(body + extra))
@@ -300,7 +300,7 @@ def encode_request(base: BaseRequest, *, iv: bytes = b"") -> bytes:
     if base.major == 4:
         return raw + mac4(raw)
     cipher = _cipher(base.major)
-    version = struct.pack("<HH", base.minor, base.major)
+    version = _VERSION.pack(base.minor, base.major)
     return version + iv + cipher.cbc_encrypt(iv, raw + _REQUEST_PAD)
 
 
@@ -332,7 +332,7 @@ def decode_response(base_request: BaseRequest, iv: bytes, message: bytes) -> Kms
     else:
         if len(message) < 4 + 2 * BLOCK or (len(message) - 4) % BLOCK:
             raise NotGenuine("size", f"V{major} response of {len(message)} bytes")
-        outer_minor, outer_major = struct.unpack_from("<HH", message)
+        outer_minor, outer_major = _VERSION.unpack_from(message)
         if (outer_major, outer_minor) != (major, minor):
             raise NotGenuine("version", f"response version {outer_major}.{outer_minor}")
         cipher = _cipher(major)
