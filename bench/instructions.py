@@ -85,13 +85,13 @@ class CellResult:
 
 
 def listening(port: int) -> bool:
-    """A socket listens on `port` (read from /proc, so no probe connection is counted)."""
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with contextlib.suppress(OSError), open(table) as f:
-            for line in f.readlines()[1:]:
-                fields = line.split()
-                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
-                    return True
+    """A socket listens on 127.0.0.1:`port` (read from /proc, so that no probe connection
+    is counted; another process may listen on the same port of another address)."""
+    with contextlib.suppress(OSError), open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[1] == f"0100007F:{port:04X}":
+                return True
     return False
 
 
