@@ -16,6 +16,8 @@ from .protocol.epid import generate_epid
 from .protocol.errors import HResult, KmsError
 from .protocol.kms import BaseRequest, BaseResponse, KmsRequest, decode_request, encode_response
 from .protocol.products import ProductDatabase, products
+from .rules import KMS_TAMPER_CHECKS, Response
+from .tamper import tampered_response
 
 
 @dataclass
@@ -168,7 +170,18 @@ class KmsHost:
     def answer(self, message: bytes, now: float, address: str = "") -> tuple[bytes, Activation]:
         """Answer one KMS request from `address`; raises KmsError when the answer is an
         HRESULT."""
-        request = decode_request(message, verify=self.policy.verify)
+        return self.respond(decode_request(message, verify=self.policy.verify), now, address)
+
+    def decode(self, message: bytes) -> KmsRequest:
+        """The request in `message`; raises KmsError with the HRESULT to answer."""
+        return decode_request(message, verify=self.policy.verify)
+
+    def respond(
+        self, request: KmsRequest, now: float, address: str = "", rule: Response | None = None
+    ) -> tuple[bytes, Activation]:
+        """Answer a decoded request, as `rule` says if one applies (a behaviour rule's
+        reply fields: count, ePID, HWID, intervals, tamper); raises KmsError when the
+        answer is an HRESULT."""
         base = request.base
         try:
             count = self.count(base, now, address)
@@ -181,6 +194,17 @@ class KmsHost:
         if epid is None:
             epid = self.identity.epids[product.csvlk]
         policy = self.policy
+        hwid = self.identity.hwid
+        activation_interval = policy.activation_interval
+        renewal_interval = policy.renewal_interval
+        if rule is not None:
+            count = rule.count_for(base.required_count, count)
+            epid = rule.epid or epid
+            hwid = rule.hwid or hwid
+            if rule.activation_interval is not None:
+                activation_interval = rule.activation_interval
+            if rule.renewal_interval is not None:
+                renewal_interval = rule.renewal_interval
         response = BaseResponse(  # positional: cheaper than keywords, per request
             base.major,
             base.minor,
@@ -188,8 +212,8 @@ class KmsHost:
             base.client_machine_id,
             base.request_time,
             count,
-            policy.activation_interval,
-            policy.renewal_interval,
+            activation_interval,
+            renewal_interval,
         )
         salt = response_iv = b""
         if request.major == 5:
@@ -197,9 +221,14 @@ class KmsHost:
         elif request.major >= 6:
             fresh = self.random(32)
             salt, response_iv = fresh[:16], fresh[16:]
-        payload = encode_response(
-            request, response, salt=salt, response_iv=response_iv, hwid=self.identity.hwid
-        )
+        if rule is not None and rule.tamper in KMS_TAMPER_CHECKS:
+            payload = tampered_response(
+                request, response, rule.tamper, salt=salt, response_iv=response_iv, hwid=hwid
+            )
+        else:
+            payload = encode_response(
+                request, response, salt=salt, response_iv=response_iv, hwid=hwid
+            )
         activation = Activation(base, count, epid, product.name, product.application, product.known)
         return payload, activation
 

@@ -18,6 +18,7 @@ from . import logs
 from .addresses import is_ip, join_host_port
 from .commit import Commit
 from .host import KmsHost
+from .journal import BIND_NAK, CLOSE, COUNT, FAULT, HRESULT, LATENCY, Journal, Record, record_of
 from .limits import Admission, Network, source_of
 from .metrics import UNKNOWN, Metrics
 from .protocol.connection import (
@@ -29,6 +30,9 @@ from .protocol.connection import (
     ServerConnection,
 )
 from .protocol.errors import FaultStatus, KmsError
+from .protocol.kms import BaseRequest
+from .protocol.rpc import BindNak, Fault
+from .rules import Rule, RuleSet
 
 log = structlog.get_logger("kmsd")
 _activation = logs.Event(
@@ -84,9 +88,15 @@ class KmsServer:
         *,
         clock: Callable[[], float] = time.time,
         store: Durable | None = None,
+        rules: RuleSet | None = None,
+        journal: Journal | None = None,
     ) -> None:
-        """With a `store`, each reply waits until the store has committed its record."""
+        """With a `store`, each reply waits until the store has committed its record.
+        `rules`: behaviour rules (kmsd.rules; none by default); `journal`: where exchanges
+        are recorded (default: a Journal of its default size)."""
         self.host = host
+        self.rules = RuleSet() if rules is None else rules
+        self.journal = Journal() if journal is None else journal
         self.settings = settings
         self.clock = clock
         self.store = store
@@ -181,6 +191,20 @@ class KmsServer:
             self._all_closed.set()
 
 
+def _after(delay: float, committed: Commit | None) -> Commit:
+    """A commit done `delay` seconds from now, once `committed` (if any) is."""
+    later = Commit()
+
+    def due() -> None:
+        if committed is None:
+            later.settle()
+        else:
+            committed.add_done_callback(lambda done: later.settle(done.exception()))
+
+    asyncio.get_running_loop().call_later(delay, due)
+    return later
+
+
 def _factory(server: KmsServer, sock: socket.socket) -> Callable[[], _KmsProtocol]:
     """Protocols for the connections of one listening socket, which know its port (the
     secondary address of bind_ack) without a getsockname() per connection."""
@@ -220,10 +244,12 @@ class _KmsProtocol(asyncio.Protocol):
         self.last_seen = 0.0
         self.partial_since: float | None = None  # when the PDU still arriving began
         self.timer: asyncio.TimerHandle | None = None
-        # Replies in order, each with the commit it waits for (None: nothing to wait for)
-        # and when its request was complete (loop time; 0.0: not a reply to a call).
-        self.outbox: deque[tuple[bytes, Commit | None, float]] = deque()
+        # Replies in order, each with the commit it waits for (None: nothing to wait for),
+        # when its request was complete (loop time; 0.0: not a reply to a call) and its
+        # journal entry (which learns the reply's latency).
+        self.outbox: deque[tuple[bytes, Commit | None, float, Record | None]] = deque()
         self.closing = False
+        self.fresh = True  # nothing received yet (bind_nak rules look at the first PDU)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
@@ -285,23 +311,28 @@ class _KmsProtocol(asyncio.Protocol):
         if conn is None or self.closing:
             return
         now = self.last_seen = asyncio.get_running_loop().time()
+        if self.fresh:
+            self.fresh = False
+            if self.server.rules.binds and self._refuse_bind(data):
+                return
         for event in conn.feed(data):
             if isinstance(event, Call):
                 if not self.server.admission.requested(self.source, self, now):
                     log.warning("request refused", client=self.peer, reason="rate limit")
                     self.server.metrics.error("fault", "SERVER_TOO_BUSY")
+                    self._journal(
+                        event, None, FAULT, FaultStatus.SERVER_TOO_BUSY, None, "rate limit"
+                    )
                     self._send(event.fault(FaultStatus.SERVER_TOO_BUSY), None)
                     continue
                 try:
-                    reply = self._answer(event)
+                    self._answer(event, now)
                 except Exception:
                     # A bug, not bad input: say so loudly, drop this client, serve the rest.
                     log.exception("internal error, closing connection", client=self.peer)
                     self.server.metrics.error("internal")
                     self.transport.abort()
                     return
-                store = self.server.store
-                self._send(reply, store.barrier() if store is not None else None, now)
             elif isinstance(event, Send):
                 if event.problem:
                     log.warning("bad input", client=self.peer, problem=event.problem)
@@ -317,15 +348,24 @@ class _KmsProtocol(asyncio.Protocol):
         else:
             self.partial_since = None
 
-    def _send(self, data: bytes, committed: Commit | None, started: float = 0.0) -> None:
+    def _send(
+        self,
+        data: bytes,
+        committed: Commit | None,
+        started: float = 0.0,
+        entry: Record | None = None,
+    ) -> None:
         """Write `data` in order, once `committed` is; `started`: when the request it
-        answers was complete (for the latency metric)."""
+        answers was complete (for the latency metric and the journal `entry`)."""
         if not self.outbox and committed is None:
             self.transport.write(data)
             if started:
-                self.server.metrics.replied(asyncio.get_running_loop().time() - started)
+                latency = asyncio.get_running_loop().time() - started
+                self.server.metrics.replied(latency)
+                if entry is not None:
+                    entry[LATENCY] = latency
             return
-        self.outbox.append((data, committed, started))
+        self.outbox.append((data, committed, started, entry))
         if committed is not None:
             committed.add_done_callback(self._flush)
 
@@ -333,7 +373,7 @@ class _KmsProtocol(asyncio.Protocol):
         outbox = self.outbox
         now = 0.0
         while outbox:
-            data, committed, started = outbox[0]
+            data, committed, started, entry = outbox[0]
             if committed is not None:
                 if not committed.done():
                     return
@@ -353,6 +393,8 @@ class _KmsProtocol(asyncio.Protocol):
                 if started:
                     now = now or asyncio.get_running_loop().time()
                     self.server.metrics.replied(now - started)
+                    if entry is not None:
+                        entry[LATENCY] = now - started
         if self.closing:
             self.transport.close()
 
@@ -361,10 +403,21 @@ class _KmsProtocol(asyncio.Protocol):
         if not self.outbox:
             self.transport.close()
 
-    def _answer(self, call: Call) -> bytes:
-        now = self.server.clock()
+    def _answer(self, call: Call, started: float) -> None:
+        """Answer a call and send the reply (`started`: when the call was complete)."""
+        server = self.server
+        now = server.clock()
+        host = server.host
+        rule: Rule | None = None
         try:
-            payload, activation = self.server.host.answer(call.payload, now, self.peer)
+            decoded = host.decode(call.payload)
+            if server.rules.rules:  # the list: no __bool__ call per request
+                rule = server.rules.match(decoded.base, self.address, now)
+                if rule is not None and self._act(call, rule, decoded.base, now, started):
+                    return
+            payload, activation = host.respond(
+                decoded, now, self.peer, None if rule is None else rule.response
+            )
         except KmsError as exc:
             asked = exc.request
             named: dict[str, str] = {}
@@ -392,7 +445,9 @@ class _KmsProtocol(asyncio.Protocol):
                 product=named.get("product", UNKNOWN),
                 workstation=named.get("workstation", ""),
             )
-            return call.reply_error(exc.hresult)
+            entry = self._journal(call, asked, HRESULT, exc.hresult, rule, exc.reason)
+            self._reply(call.reply_error(exc.hresult), started, entry, rule)
+            return
         request = activation.request
         protocol = f"{request.major}.{request.minor}"
         if log.is_enabled_for(logging.INFO):  # not even the fields when nobody reads them
@@ -405,6 +460,8 @@ class _KmsProtocol(asyncio.Protocol):
                     f"yet; a small lab can start kmsd with --precharge "
                     f"{request.required_count - 1}"
                 )
+            if rule is not None:
+                more["rule"] = rule.name
             _activation(
                 self.peer,
                 str(request.client_machine_id),
@@ -417,7 +474,7 @@ class _KmsProtocol(asyncio.Protocol):
                 request.required_count,
                 **more,
             )
-        self.server.metrics.activation(
+        server.metrics.activation(
             activation.application,
             activation.product,
             protocol,
@@ -427,7 +484,131 @@ class _KmsProtocol(asyncio.Protocol):
             self.peer,
             now,
         )
-        return call.reply(payload)
+        journal = server.journal
+        if rule is None:
+            # journal.record_of's layout, built here: this is the path of every activation
+            entry = journal.add(
+                [
+                    now,
+                    self.peer,
+                    call.call_id,
+                    call.ndr64,
+                    request,
+                    COUNT,
+                    activation.count,
+                    None,
+                    None,
+                    None,
+                ]
+            )
+            store = server.store
+            self._send(call.reply(payload), store.barrier() if store else None, started, entry)
+            return
+        entry = self._journal(call, request, COUNT, activation.count, rule)
+        tamper = rule.response.tamper
+        if tamper == "rpc_call_id":
+            # Not the request's call_id, nor the 1 that clients forgive (a Wine bug).
+            wrong = call.call_id ^ 0x80000000
+            reply = Call(wrong, call.context_id, call.ndr64, b"").reply(payload)
+        elif tamper == "ndr_referent":
+            reply = call.reply_error(0)  # a NULL response with success: no answer at all
+        else:
+            reply = call.reply(payload)
+        self._reply(reply, started, entry, rule)
+
+    def _act(self, call: Call, rule: Rule, base: BaseRequest, now: float, started: float) -> bool:
+        """Answer a call as an action rule says (HRESULT, fault, close); False for a rule
+        whose answer is a reply."""
+        response = rule.response
+        metrics = self.server.metrics
+        if response.hresult is not None:
+            log.warning(
+                "request refused",
+                client=self.peer,
+                rule=rule.name,
+                hresult=f"0x{response.hresult:08X}",
+            )
+            metrics.refusal(response.hresult, call.version, self.peer, now)
+            entry = self._journal(call, base, HRESULT, response.hresult, rule)
+            self._reply(call.reply_error(response.hresult), started, entry, rule, counted=False)
+        elif response.fault is not None:
+            log.warning(
+                "call refused", client=self.peer, rule=rule.name, fault=f"0x{response.fault:08X}"
+            )
+            fault = Fault(call.call_id, call.context_id, response.fault)
+            metrics.bad_input(fault)
+            entry = self._journal(call, base, FAULT, response.fault, rule)
+            self._reply(fault.encode(), started, entry, rule, counted=False)
+        elif response.close:
+            log.warning("closing connection", client=self.peer, rule=rule.name, reason="rule")
+            metrics.error("close")
+            self._journal(call, base, CLOSE, 0, rule)
+            if response.delay:
+                asyncio.get_running_loop().call_later(response.delay, self.close_when_flushed)
+                self.closing = True
+            else:
+                self.close_when_flushed()
+        else:
+            return False
+        return True
+
+    def _journal(
+        self,
+        call: Call,
+        base: BaseRequest | None,
+        answer: str,
+        value: int,
+        rule: Rule | None,
+        reason: str | None = None,
+    ) -> Record:
+        entry = record_of(
+            self.server.clock(),
+            self.peer,
+            call.call_id,
+            call.ndr64,
+            base,
+            answer,
+            value,
+            None if rule is None else rule.name,
+            reason,
+        )
+        return self.server.journal.add(entry)
+
+    def _reply(
+        self,
+        reply: bytes,
+        started: float,
+        entry: Record,
+        rule: Rule | None,
+        *,
+        counted: bool = True,
+    ) -> None:
+        """Send a reply that waits for the store when it `counted` a client, and for the
+        rule's delay."""
+        store = self.server.store
+        committed = store.barrier() if counted and store is not None else None
+        if rule is not None and rule.response.delay:
+            committed = _after(rule.response.delay, committed)
+        self._send(reply, committed, started, entry)
+
+    def _refuse_bind(self, data: bytes) -> bool:
+        """Refuse the connection's first PDU with a bind_nak if a rule says so."""
+        server = self.server
+        now = server.clock()
+        rule = server.rules.match_bind(self.address, now)
+        if rule is None or rule.response.bind_nak is None:
+            return False
+        call_id = int.from_bytes(data[12:16], "little") if len(data) >= 16 else 0
+        reason = rule.response.bind_nak
+        log.warning("bind refused", client=self.peer, rule=rule.name, reason=reason)
+        nak = BindNak(call_id, reason)
+        server.metrics.bad_input(nak)
+        server.journal.add(
+            record_of(now, self.peer, call_id, False, None, BIND_NAK, reason, rule.name)
+        )
+        self._send(nak.encode(), None)
+        self.close_when_flushed()
+        return True
 
     def pause_writing(self) -> None:
         # A client that sends without reading: stop reading until it catches up.
