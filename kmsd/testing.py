@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import os
 import threading
 import time
@@ -25,11 +26,12 @@ from collections.abc import Callable, Coroutine, Sequence
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
+from .config import defaults
 from .host import HostIdentity, HostPolicy, KmsHost
 from .journal import DEFAULT_SIZE, Entry, Filter, Journal
 from .protocol.products import products
 from .rules import Rule, RuleSet, parse_rule
-from .server import KmsServer, ServerSettings
+from .server import KmsServer
 from .store import MEMORY, SqliteStore
 
 LOOPBACK = "127.0.0.1"
@@ -110,6 +112,7 @@ class KmsTestHost:
         hwid: bytes | None = None,
     ) -> None:
         self.policy = policy
+        self.settings = defaults()  # kmsd's defaults, as a daemon without options has them
         self.clock = VirtualClock()
         self.rules = RuleSet()
         self.journal_ring = Journal(journal_size)
@@ -174,7 +177,7 @@ class KmsTestHost:
         host = KmsHost(store, identity, self.policy)
         server = KmsServer(
             host,
-            ServerSettings(listen=((LOOPBACK, 0),)),
+            dataclasses.replace(self.settings.network, listen=((LOOPBACK, 0),)),
             clock=self.clock,
             store=store,
             rules=self.rules,
@@ -188,7 +191,8 @@ class KmsTestHost:
         self.server, self.store = server, store
 
     def _new_store(self) -> SqliteStore:
-        store = SqliteStore(MEMORY, known=frozenset(products().applications))
+        table = dataclasses.replace(self.settings.table, path=MEMORY)
+        store = SqliteStore(table, known=frozenset(products().applications))
         store.start(asyncio.get_running_loop())
         return store
 
@@ -261,7 +265,7 @@ class KmsTestHost:
             apps = products().applications
             return {
                 (apps[app].name if app in apps else str(app)): table.count(now)
-                for app, table in self.store.counter.tables.items()
+                for app, table in self.store.counter.snapshot().items()
             }
 
         return self._on_loop(read)
