@@ -32,7 +32,8 @@ LOOPBACK = "127.0.0.1"
 # Two tiers. `system`: tests that start daemons, real servers or other programs (kmsd as a
 # process or on a socket, BIND, Samba, chromium, tshark, systemd-analyze, ruff, mypy); the
 # rest is the pure core, run in seconds by `pytest -m "not system"`. Whole modules of
-# system tests are listed here; so is any test using the `server` fixture; other system
+# system tests are listed here; so is any test using the `server` fixture or one of kmsd's
+# pytest plugin (kms_host, kms_hosts, kms_dns); other system
 # tests carry @pytest.mark.system. A test of the pure core that opens a socket or starts
 # a process fails (see _pure_core_stays_pure), so a missing mark cannot go unnoticed.
 SYSTEM_MODULES = frozenset(
@@ -40,16 +41,20 @@ SYSTEM_MODULES = frozenset(
         "test_admin_http",
         "test_bench",
         "test_commands",
+        "test_control",
         "test_deploy",
         "test_dns_bind",
         "test_dns_gss",
         "test_dns_samba",
+        "test_double",
+        "test_example_tool",
         "test_faults",
         "test_fuzz",
         "test_impacket",
         "test_inert",
         "test_logs",
         "test_pipe",
+        "test_plugin",
         "test_pristine_debian",
         "test_readme_commands",
         "test_reload",
@@ -68,7 +73,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: item.name == "test_readme_setup_on_pristine_debian")
     for item in items:
         module = item.nodeid.split("::", 1)[0].rsplit("/", 1)[-1].removesuffix(".py")
-        if module in SYSTEM_MODULES or "server" in getattr(item, "fixturenames", ()):
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if module in SYSTEM_MODULES or fixtures & {"server", "kms_host", "kms_hosts", "kms_dns"}:
             item.add_marker(pytest.mark.system)
 
 

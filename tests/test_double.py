@@ -18,10 +18,10 @@ from impacket.uuid import uuidtup_to_bin
 from kmsclient.activation import CallOptions, Result, activate
 from kmsclient.discovery import Resolver, parse_nameserver
 from kmsclient.outcome import Status
-from kmsclient.session import base_request, prepare
 from kmsclient.target import parse_target
 from kmsd.journal import Filter
 from kmsd.protocol import kms, ndr
+from kmsd.protocol.client import base_request, prepare
 from kmsd.protocol.errors import HResult
 from kmsd.protocol.products import products
 from kmsd.rules import TAMPER_CHECKS

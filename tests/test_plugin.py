@@ -14,7 +14,7 @@ import asyncio, os, threading
 import pytest
 
 from kmsclient.activation import activate
-from kmsclient.session import base_request, prepare
+from kmsd.protocol.client import base_request, prepare
 from kmsclient.target import parse_target
 from kmsd.protocol.products import products
 
