@@ -36,6 +36,7 @@ COMMANDS = {
     "forget": Command("take one client out of the table", TABLE_OPTIONS),
     "reset": Command("empty the table (of one application)", TABLE_OPTIONS),
     "dns-serve": Command("a lab DNS responder advertising KMS hosts", ("log_format", "log_level")),
+    "journal": Command("the request journal of a running kmsd (its admin endpoint)", ("admin",)),
 }
 
 # The commands that take every kmsd option and say more than their summary in --help.
@@ -126,6 +127,10 @@ def command_parser(name: str) -> argparse.ArgumentParser:
         from .dns import responder
 
         return responder.build_parser(parents)
+    if name == "journal":
+        from . import journalcmd
+
+        return journalcmd.build_parser(parents)
     if name in DESCRIPTIONS:
         return argparse.ArgumentParser(
             prog=f"kmsd {name}", description=DESCRIPTIONS[name], parents=parents
@@ -158,6 +163,10 @@ def run_command(name: str, argv: Sequence[str]) -> int:
         from .dns import check
 
         return check.run(settings.dns, sys.stdout)
+    if name == "journal":
+        from . import journalcmd
+
+        return journalcmd.run(args, settings.admin)
     from . import tablecmd
 
     return tablecmd.run(name, args, settings.table, settings.host.policy)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from pathlib import Path
 
 from .files import read_small
@@ -43,3 +44,47 @@ class FileClock:
         with contextlib.suppress(ClockFileError):
             self.last = read_clock(self.path)
         return self.last
+
+
+def span(*, days: float = 0, hours: float = 0, minutes: float = 0, seconds: float = 0) -> float:
+    return ((days * 24 + hours) * 60 + minutes) * 60 + seconds
+
+
+class VirtualClock:
+    """A clock that stands still but when moved (kmsd.testing: what a test sees does not
+    depend on how long the test took)."""
+
+    def __init__(self, start: float | None = None) -> None:
+        self.now = time.time() if start is None else start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(
+        self, *, days: float = 0, hours: float = 0, minutes: float = 0, seconds: float = 0
+    ) -> float:
+        """Move the clock forward (back, with negative values); returns the new time."""
+        self.now += span(days=days, hours=hours, minutes=minutes, seconds=seconds)
+        return self.now
+
+    def set(self, unix: float) -> None:
+        self.now = unix
+
+
+class ShiftedClock:
+    """Real time, moved by the admin endpoint (/api/clock) when its changes are enabled."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+    def advance(
+        self, *, days: float = 0, hours: float = 0, minutes: float = 0, seconds: float = 0
+    ) -> float:
+        self.offset += span(days=days, hours=hours, minutes=minutes, seconds=seconds)
+        return self()
+
+    def set(self, unix: float) -> None:
+        self.offset = unix - time.time()

@@ -16,6 +16,7 @@ import argparse
 import ipaddress
 import math
 import os
+import shlex
 import socket
 import tomllib
 from collections.abc import Callable, Collection, Mapping
@@ -397,6 +398,16 @@ OPTIONS: tuple[Option, ...] = (
         show=show_listen,
     ),
     Option(
+        "admin_token_file",
+        "network",
+        str,
+        None,
+        "enable the admin endpoint's changes (behaviour rules and the clock of kmsd as a "
+        "test double: POST/DELETE /api/rules, POST /api/clock) for requests that carry the "
+        "token in this file (Authorization: Bearer TOKEN); default: changes are refused",
+        "PATH",
+    ),
+    Option(
         "ndr64",
         "network",
         parse_bool,
@@ -491,6 +502,28 @@ OPTIONS: tuple[Option, ...] = (
         "tests and simulations only: take the time from this file (a Unix time, which "
         "kmsclient simulate rewrites) instead of the system clock",
         "PATH",
+    ),
+    Option(
+        "journal_size",
+        "host",
+        number(int, 0, 1_000_000),
+        10_000,
+        "exchanges the request journal keeps (read at /api/journal, kmsd journal); 0: none",
+        "N",
+    ),
+    Option(
+        "rule",
+        "host",
+        lambda text: rule_from_text(text),
+        [],
+        "a behaviour rule, for kmsd as a test double (repeatable; in the file: [[rule]] "
+        "tables): 'KEY=VALUE ...', e.g. 'product=\"Windows 10/11 Enterprise\" "
+        "hresult=KMS_ID_MISMATCH times=1' (the keys: README, kmsd as a test double)",
+        "RULE",
+        repeat=True,
+        reload=True,
+        show=lambda spec: rule_text(spec),
+        table=lambda table: rule_from_table(table),
     ),
     Option(
         "db",
@@ -741,6 +774,8 @@ class HostSettings:
     hwid: bytes | None  # the operator's; None: the one kept in the database
     epids: tuple[tuple[UUID, str], ...]  # KMS counted ID -> ePID the operator fixed
     clock_file: Path | None  # tests and simulations: the time comes from this file
+    rules: tuple[dict[str, Any], ...]  # behaviour rules (kmsd.rules keys, canonical)
+    journal_size: int
 
 
 @dataclass(frozen=True)
@@ -761,6 +796,7 @@ class Settings:
 
     network: ServerSettings
     admin: tuple[str, int] | None  # the admin endpoint's address; None: off
+    admin_token: str | None  # what its changing requests must carry; None: they are off
     host: HostSettings
     table: StoreSettings
     dns: tuple[PublishSettings, ...]  # the publication targets; empty: none
@@ -812,6 +848,7 @@ def build(effective: Effective) -> Settings:
             btfn=v("btfn"),
         ),
         admin=v("admin"),
+        admin_token=_admin_token(effective),
         host=HostSettings(
             policy=HostPolicy(
                 activation_interval=v("activation_interval"),
@@ -825,6 +862,8 @@ def build(effective: Effective) -> Settings:
             hwid=v("hwid"),
             epids=tuple(v("epid")),
             clock_file=Path(v("clock_file")) if v("clock_file") else None,
+            rules=tuple(v("rule")),
+            journal_size=v("journal_size"),
         ),
         table=StoreSettings(
             path=v("db"),
@@ -839,6 +878,65 @@ def build(effective: Effective) -> Settings:
         logging=log_settings(effective),
         process=ProcessSettings(user=v("user"), loop=v("loop")),
     )
+
+
+def _admin_token(effective: Effective) -> str | None:
+    path = effective.value("admin_token_file")
+    if path is None:
+        return None
+    if effective.value("admin") is None:
+        raise ConfigError("admin_token_file: the admin endpoint is off (set admin as well)")
+    try:
+        token = read_text(Path(path)).strip()
+    except OSError as exc:
+        raise ConfigError(f"admin_token_file: {path}: cannot read: {exc.strerror}") from None
+    if len(token) < 16 or any(c.isspace() for c in token):
+        raise ConfigError(
+            f"admin_token_file: {path}: expected one token of at least 16 characters "
+            "without spaces (e.g. from: openssl rand -hex 32)"
+        )
+    return token
+
+
+def rule_from_table(table: Mapping[str, Any]) -> dict[str, Any]:
+    """A [[rule]] table, checked (kmsd.rules) and in canonical form; ValueError says why."""
+    from .rules import parse_rule
+
+    return parse_rule(table, origin="config").spec
+
+
+def rule_from_text(text: str) -> dict[str, Any]:
+    """A rule as 'KEY=VALUE ...' (shell quoting; numbers and true are typed)."""
+    table: dict[str, Any] = {}
+    try:
+        words = shlex.split(text)
+    except ValueError as exc:
+        raise ValueError(f"{text!r}: {exc}") from None
+    for word in words:
+        key, sep, raw = word.partition("=")
+        if not sep:
+            raise ValueError(f"{word!r}: expected KEY=VALUE")
+        value: Any = raw
+        if raw.lower() in ("true", "false"):
+            value = raw.lower() == "true"
+        else:
+            for kind in (int, float):
+                try:
+                    value = kind(raw)
+                    break
+                except ValueError:
+                    pass
+        table[key] = value
+    return rule_from_table(table)
+
+
+def rule_text(spec: Mapping[str, Any]) -> str:
+    """The one-line form of a rule (--rule, check-config)."""
+    words = []
+    for key, value in spec.items():
+        text = str(value).lower() if isinstance(value, bool) else str(value)
+        words.append(f"{key}={shlex.quote(text)}")
+    return " ".join(words)
 
 
 def _targets(effective: Effective) -> list[Target]:
@@ -1014,6 +1112,8 @@ def read_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     values: dict[str, Any] = {}
     problems = []
+    if isinstance(data.get("rule"), list):  # [[rule]] tables: host.rule, at the top level
+        data.setdefault("host", {}).setdefault("rule", []).extend(data.pop("rule"))
     for section, table in data.items():
         if section not in SECTIONS or not isinstance(table, dict):
             problems.append(f"{path}: [{section}]: unknown table (known: {', '.join(SECTIONS)})")

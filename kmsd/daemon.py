@@ -8,7 +8,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -16,10 +16,11 @@ import structlog
 from . import __version__, config, logs, privileges, reload, systemd
 from .addresses import join_host_port
 from .cache import RECORD_LIFETIME
-from .clock import FileClock
+from .clock import FileClock, ShiftedClock
 from .dns.targets import Publications
 from .eventloop import run_on_loop, uvloop_installed
 from .host import HostIdentity, KmsHost
+from .journal import Journal
 from .protocol.products import products
 from .server import KmsServer
 from .store import MEMORY, SqliteStore, StoreError
@@ -45,6 +46,14 @@ def make_host(settings: config.HostSettings, store: SqliteStore) -> KmsHost:
     identity.hwid = settings.hwid or hwid
     identity.overrides = dict(settings.epids)
     return KmsHost(store, identity, settings.policy, database=db)
+
+
+def make_clock(settings: config.Settings) -> Callable[[], float]:
+    """The clock file's time; else real time, which the admin endpoint may shift when its
+    changes are enabled (kmsd as a test double, /api/clock)."""
+    if settings.host.clock_file:
+        return FileClock(settings.host.clock_file)
+    return ShiftedClock() if settings.admin_token else time.time
 
 
 def log_overrides(settings: config.Settings) -> None:
@@ -79,9 +88,14 @@ async def serve(
     try:
         host = make_host(settings.host, store)
         store.start(asyncio.get_running_loop())
-        clock_file = settings.host.clock_file
-        clock = FileClock(clock_file) if clock_file else time.time
-        server = KmsServer(host, settings.network, clock=clock, store=store)
+        server = KmsServer(
+            host,
+            settings.network,
+            clock=make_clock(settings),
+            store=store,
+            journal=Journal(settings.host.journal_size),
+        )
+        server.rules.configure(settings.host.rules, server.clock())
         await server.start(sockets, serving=user is None)
         if user is not None:  # bound and open as root; serve as the user
             path = settings.table.path
@@ -103,7 +117,9 @@ async def serve(
         endpoint.watch_dns(publications)
     reloader = None
     if effective is not None:
-        reloader = reload.Reloader(cli or {}, effective, settings, host, publications)
+        reloader = reload.Reloader(
+            cli or {}, effective, settings, host, publications, server=server
+        )
         loop.add_signal_handler(signal.SIGHUP, reloader.request)
     log.info(
         "kmsd ready",
@@ -141,7 +157,7 @@ async def _start_admin(
     from . import web
 
     try:
-        return await web.start(settings.admin, server, store)
+        return await web.start(settings.admin, server, store, token=settings.admin_token)
     except OSError:
         await server.stop()
         await store.close()

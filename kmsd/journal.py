@@ -31,6 +31,7 @@ HRESULT = "hresult"
 FAULT = "fault"
 BIND_NAK = "bind_nak"
 CLOSE = "close"
+ANSWERS = (COUNT, HRESULT, FAULT, BIND_NAK, CLOSE)
 
 
 # A record, as the server appends it: a list, the cheapest thing to build, which the server

@@ -19,6 +19,7 @@ from .host import KmsHost
 
 if TYPE_CHECKING:
     from .dns.targets import Publications
+    from .server import KmsServer
 
 log = structlog.get_logger("kmsd")
 
@@ -54,7 +55,10 @@ class Reloader:
         *,
         environ: Mapping[str, str] = os.environ,
         notify: Callable[[str], object] = systemd.notify,
+        server: KmsServer | None = None,
     ) -> None:
+        """`server`: whose behaviour rules the configuration's [[rule]] tables replace."""
+        self.server = server
         self.cli = dict(cli)
         self.effective = effective  # what runs now, as written
         self.settings = settings  # what runs now, typed
@@ -159,6 +163,8 @@ class Reloader:
             self.host.policy = new.host.policy
         if new.host.epids != old.host.epids:
             self.host.identity.overrides = dict(new.host.epids)
+        if self.server is not None and new.host.rules != old.host.rules:
+            self.server.rules.configure(new.host.rules, self.server.clock())
         if new.logging.level != old.logging.level:
             logs.set_level(new.logging.level)
         if self.publications is not None and new.dns != old.dns:

@@ -39,17 +39,19 @@ from __future__ import annotations
 import fnmatch
 import ipaddress
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
 from uuid import UUID
 
+from .config import parse_hwid
 from .protocol.errors import FaultStatus, HResult
 from .protocol.kms import BaseRequest
 from .protocol.products import products
 from .protocol.rpc import NakReason
 
+CONFIG = "config"  # the origin of the configuration's rules (a reload replaces them)
 MAX_DELAY = 300.0  # seconds; longer than any client waits
 MAX_RULES = 1000
 THRESHOLD_MINUS_ONE = "threshold-1"
@@ -161,6 +163,7 @@ class Rule:
     response: Response
     spec: dict[str, Any]  # the rule as given, validated and in canonical form
     name: str = ""
+    origin: str = "python"  # where it came from: config, api or python
     times: int | None = None  # matches left; None: unlimited
     seconds: float | None = None
     id: int = 0
@@ -177,6 +180,7 @@ class Rule:
             "id": self.id,
             **self.spec,
             "name": self.name,
+            "origin": self.origin,
             "used": self.used,
             "times_left": self.times,
             "expires": self.expires,
@@ -285,8 +289,9 @@ def _protocols(spec: Mapping[str, Any]) -> frozenset[int]:
     raise RuleError(f"protocol: expected 4, 5 or 6, got {value!r}")
 
 
-def parse_rule(spec: Mapping[str, Any]) -> Rule:
-    """A rule from its keys (module docstring); raises RuleError naming what is wrong."""
+def parse_rule(spec: Mapping[str, Any], origin: str = "python") -> Rule:
+    """A rule from its keys (module docstring); raises RuleError naming what is wrong.
+    `origin`: where it comes from (a reload replaces the rules of the configuration)."""
     unknown = [key for key in spec if key not in KEYS]
     if unknown:
         raise RuleError(f"unknown key {unknown[0]!r} (known: {', '.join(KEYS)})")
@@ -378,13 +383,10 @@ def parse_rule(spec: Mapping[str, Any]) -> Rule:
             raise RuleError(f"epid: longer than {MAX_EPID_UNITS} UTF-16 code units")
         response["epid"] = canon["epid"] = epid
     if "hwid" in spec:
-        text = _text(spec, "hwid")
         try:
-            hwid = bytes.fromhex(text)
-        except ValueError:
-            hwid = b""
-        if len(hwid) != 8:
-            raise RuleError(f"hwid: expected 16 hex digits, got {text!r}")
+            hwid = parse_hwid(_text(spec, "hwid"))
+        except ValueError as exc:
+            raise RuleError(f"hwid: {exc}") from None
         response["hwid"] = hwid
         canon["hwid"] = hwid.hex().upper()
     for key in ("activation_interval", "renewal_interval"):
@@ -399,7 +401,7 @@ def parse_rule(spec: Mapping[str, Any]) -> Rule:
     name = ""
     if "name" in spec:
         name = canon["name"] = _text(spec, "name")
-    return Rule(Match(**match), Response(**response), canon, name, times, seconds)
+    return Rule(Match(**match), Response(**response), canon, name, origin, times, seconds)
 
 
 def _count(spec: Mapping[str, Any]) -> int:
@@ -426,9 +428,13 @@ class RuleSet:
     def __iter__(self) -> Iterator[Rule]:
         return iter(self.rules)
 
+    def reserve(self, count: int) -> None:
+        """Raise RuleError unless `count` more rules fit."""
+        if len(self.rules) + count > MAX_RULES:
+            raise RuleError(f"at most {MAX_RULES} rules at once ({len(self.rules)} now)")
+
     def add(self, rule: Rule, now: float) -> Rule:
-        if len(self.rules) >= MAX_RULES:
-            raise RuleError(f"at most {MAX_RULES} rules at once")
+        self.reserve(1)
         rule.id, rule.added = self.next_id, now
         rule.name = rule.name or f"rule {rule.id}"
         self.next_id += 1
@@ -445,6 +451,17 @@ class RuleSet:
 
     def clear(self) -> None:
         self.rules = []
+        self._recount()
+
+    def configure(self, specs: Iterable[Mapping[str, Any]], now: float) -> None:
+        """Put the configuration's rules in place of those it gave before (at start and on
+        reload), ahead of the others."""
+        rules = [parse_rule(spec, origin=CONFIG) for spec in specs]
+        kept = [r for r in self.rules if r.origin != CONFIG]
+        self.rules = []
+        for rule in rules:
+            self.add(rule, now)
+        self.rules += kept
         self._recount()
 
     def current(self, now: float) -> list[Rule]:

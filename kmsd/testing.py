@@ -26,6 +26,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
+from .clock import VirtualClock
 from .config import defaults
 from .host import HostIdentity, HostPolicy, KmsHost
 from .journal import DEFAULT_SIZE, Entry, Filter, Journal
@@ -37,26 +38,6 @@ from .store import MEMORY, SqliteStore
 LOOPBACK = "127.0.0.1"
 START_TIMEOUT = 10.0  # seconds for the host to start or stop on its thread
 T = TypeVar("T")
-
-
-class VirtualClock:
-    """The host's clock: real time when made, then moved only by the test."""
-
-    def __init__(self, start: float | None = None) -> None:
-        self.now = time.time() if start is None else start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(
-        self, *, days: float = 0, hours: float = 0, minutes: float = 0, seconds: float = 0
-    ) -> float:
-        """Move the clock forward (or back, with negative values); returns the new time."""
-        self.now += ((days * 24 + hours) * 60 + minutes) * 60 + seconds
-        return self.now
-
-    def set(self, unix: float) -> None:
-        self.now = unix
 
 
 class LoopThread:
@@ -91,6 +72,24 @@ class LoopThread:
             return work()
 
         return self.run(call())
+
+    @classmethod
+    def serving(cls, name: str, start: Callable[[], Coroutine[Any, Any, object]]) -> LoopThread:
+        """A new loop thread on which `start()` has run (or, if it failed, none)."""
+        thread = cls(name)
+        try:
+            thread.run(start())
+        except BaseException:
+            thread.close()
+            raise
+        return thread
+
+    def finish(self, stop: Coroutine[Any, Any, object]) -> None:
+        """Run `stop` on the loop, then close it."""
+        try:
+            self.run(stop)
+        finally:
+            self.close()
 
     def close(self) -> None:
         """Stop the loop (after its executor's threads) and end the thread."""
@@ -127,24 +126,13 @@ class KmsTestHost:
         """Serve on a new event loop in a thread of its own."""
         if self._running:
             raise RuntimeError("this KmsTestHost is already running")
-        thread = self._thread = LoopThread("kmsd-test-host")
-        try:
-            thread.run(self._serve())
-        except BaseException:
-            self._thread = None
-            thread.close()
-            raise
+        self._thread = LoopThread.serving("kmsd-test-host", self._serve)
         return self
 
     def stop(self) -> None:
-        thread = self._thread
-        if thread is None:
-            return
-        try:
-            thread.run(self._shutdown())
-        finally:
-            self._thread = None
-            thread.close()
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.finish(self._shutdown())
 
     async def start_async(self) -> Self:
         """Serve on the running event loop (for async tests)."""
@@ -324,28 +312,15 @@ class KmsDns:
     def start(self) -> Self:
         from .dns.responder import Responder
 
-        thread = self._thread = LoopThread("kmsd-test-dns")
-        responder = Responder(self._zone)
-        try:
-            thread.run(responder.start([(LOOPBACK, 0)]))
-        except BaseException:
-            self._thread = None
-            thread.close()
-            raise
-        self._responder = responder
+        responder = self._responder = Responder(self._zone)
+        self._thread = LoopThread.serving("kmsd-test-dns", lambda: responder.start([(LOOPBACK, 0)]))
         self.address = responder.addresses[0]
         return self
 
     def stop(self) -> None:
-        thread = self._thread
-        if thread is None:
-            return
-        try:
-            thread.run(self._responder.stop())
-        finally:
-            self._thread = None
-            self.address = None
-            thread.close()
+        thread, self._thread, self.address = self._thread, None, None
+        if thread is not None:
+            thread.finish(self._responder.stop())
 
     def __enter__(self) -> Self:
         return self.start()

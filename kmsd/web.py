@@ -1,11 +1,13 @@
 """The admin endpoint (`--admin 127.0.0.1:9688`): Prometheus metrics, health and readiness
 probes, a JSON API and a status page, over a minimal HTTP/1.1 server on the daemon's loop.
 
-GET and HEAD only, one request per connection (Connection: close), request heads of at most
+GET and HEAD, one request per connection (Connection: close), request heads of at most
 MAX_HEAD bytes arriving within REQUEST_TIMEOUT seconds, at most MAX_CLIENTS at once: when all
 are taken, the connection that has waited longest for its request head is closed for the
-newcomer, so idle connections cannot keep health probes out. It has no authentication: keep
-it on loopback or a management network.
+newcomer, so idle connections cannot keep health probes out. Reading needs no
+authentication: keep it on loopback or a management network. The test double's changes
+(POST and DELETE on /api/rules and /api/clock, kmsd.control) are refused unless kmsd was
+given a token (--admin-token-file), which each of them must carry (Authorization: Bearer).
 
 /api/clients and /api/stats are what `kmsd clients --json` and `kmsd stats --json` print:
 the same reads of kmsd.store on the committed database, off the event loop.
@@ -16,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import hmac
 import ipaddress
 import json
 import time
@@ -28,9 +31,10 @@ from urllib.parse import parse_qs, urlsplit
 
 import structlog
 
-from . import __version__
+from . import __version__, control
 from .addresses import is_ip, join_host_port
 from .cache import MemoryCounter
+from .control import Problem
 from .metrics import UNKNOWN
 from .server import KmsServer
 from .store import AppStats, SqliteStore, StoreError, app_name, as_reported, resolve_app
@@ -38,6 +42,7 @@ from .store import AppStats, SqliteStore, StoreError, app_name, as_reported, res
 log = structlog.get_logger("kmsd")
 
 MAX_HEAD = 8192  # bytes of request line and headers
+MAX_BODY = 65536  # bytes of a POST body (rules)
 REQUEST_TIMEOUT = 2.0  # seconds for the request head to arrive (a probe sends it at once)
 MAX_CLIENTS = 32  # admin connections at once; beyond, an idle one gives way, or else 503
 HEARTBEAT = 1.0  # seconds between event loop lag measurements
@@ -47,10 +52,16 @@ HTML = "text/html; charset=utf-8"
 
 REASONS = {
     200: "OK",
+    201: "Created",
     400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",
     408: "Request Timeout",
+    409: "Conflict",
+    411: "Length Required",
+    413: "Content Too Large",
     431: "Request Header Fields Too Large",
     500: "Internal Server Error",
     503: "Service Unavailable",
@@ -127,8 +138,12 @@ class AdminServer:
         kms: KmsServer,
         store: SqliteStore | None = None,
         publisher: DnsPublication | None = None,
+        token: str | None = None,
     ) -> None:
+        """`token`: the bearer token the changing requests (POST, DELETE) must carry;
+        None: they are refused."""
         self.kms = kms
+        self.token = token
         self.store = store
         self.publisher = publisher
         self.metrics = kms.metrics
@@ -152,6 +167,15 @@ class AdminServer:
             "/api/clients": self.api_clients,
             "/api/stats": self.api_stats,
             "/api/status": self.api_status,
+            "/api/rules": self.api_rules,
+            "/api/journal": self.api_journal,
+            "/api/clock": self.api_clock,
+        }
+        # Paths that change something, by method: only with the token.
+        self.changes: dict[tuple[str, str], Callable[[dict[str, list[str]], bytes], Any]] = {
+            ("POST", "/api/rules"): self.add_rules,
+            ("DELETE", "/api/rules"): self.delete_rules,
+            ("POST", "/api/clock"): self.set_clock,
         }
 
     def watch_dns(self, publisher: DnsPublication | None) -> None:
@@ -247,7 +271,7 @@ class AdminServer:
         if not version.startswith("HTTP/1."):
             return error(505, "HTTP/1.x only"), False
         head_only = method == "HEAD"
-        if method not in ("GET", "HEAD"):
+        if method not in ("GET", "HEAD", "POST", "DELETE"):
             return error(405, f"{method} not allowed", {"Allow": "GET, HEAD"}), False
         if not self._host_allowed(head):
             return error(
@@ -256,6 +280,8 @@ class AdminServer:
                 "localhost or an IP address (DNS rebinding protection)",
             ), head_only
         url = urlsplit(target)
+        if method in ("POST", "DELETE"):
+            return await self._change(method, url.path, parse_qs(url.query), head, reader), False
         handler = self.routes.get(url.path)
         if handler is None:
             return error(404, f"no such page: {url.path}"), head_only
@@ -265,6 +291,50 @@ class AdminServer:
             log.exception("admin endpoint: internal error", path=url.path)
             response = error(500, "internal error (logged)")
         return response, head_only
+
+    async def _change(
+        self,
+        method: str,
+        path: str,
+        query: dict[str, list[str]],
+        head: bytes,
+        reader: asyncio.StreamReader,
+    ) -> Response:
+        """A POST or DELETE: only with the token, and a body of at most MAX_BODY bytes."""
+        handler = self.changes.get((method, path))
+        if handler is None:
+            allowed = ", ".join(["GET", "HEAD"] + [m for m, p in self.changes if p == path])
+            return error(405, f"{method} not allowed on {path}", {"Allow": allowed})
+        if self.token is None:
+            return error(
+                403,
+                "changes over the admin endpoint are off (kmsd --admin-token-file enables them)",
+            )
+        given = _header(head, "authorization") or ""
+        scheme, _, credentials = given.partition(" ")
+        if scheme.lower() != "bearer" or not credentials.strip():
+            return error(
+                401, "a bearer token is needed", {"WWW-Authenticate": 'Bearer realm="kmsd"'}
+            )
+        if not hmac.compare_digest(credentials.strip().encode(), self.token.encode()):
+            log.warning("admin endpoint: wrong token", path=path, method=method)
+            return error(403, "wrong token")
+        length_text = _header(head, "content-length")
+        if length_text is None and method == "POST":
+            return error(411, "a POST needs a Content-Length")
+        length = int(length_text) if length_text and length_text.isdigit() else 0
+        if length > MAX_BODY:
+            return error(413, f"bodies of at most {MAX_BODY} bytes")
+        try:
+            body = await asyncio.wait_for(reader.readexactly(length), REQUEST_TIMEOUT)
+        except (asyncio.IncompleteReadError, TimeoutError):
+            return error(400, f"a body of {length} bytes did not arrive")
+        try:
+            value = handler(query, body)
+        except Problem as exc:
+            return error(exc.status, exc.message)
+        log.info("admin endpoint: changed", method=method, path=path)
+        return _json(value, 201 if (method, path) == ("POST", "/api/rules") else 200)
 
     def _host_allowed(self, head: bytes) -> bool:
         """Bound to loopback, the endpoint refuses requests naming another host: a web page
@@ -278,6 +348,29 @@ class AdminServer:
                 host = host[1 : host.find("]")] if host.startswith("[") else host.split(":")[0]
                 return host.lower() == "localhost" or is_ip(host)
         return True  # HTTP/1.0 without Host: not a browser
+
+    # The test double (kmsd.control) ---------------------------------------------------
+
+    async def api_rules(self, _: dict[str, list[str]]) -> Response:
+        return _json([r.describe() for r in self.kms.rules.current(self.kms.clock())])
+
+    async def api_journal(self, query: dict[str, list[str]]) -> Response:
+        try:
+            return _json(control.read_journal(self.kms.journal, query))
+        except Problem as exc:
+            return error(exc.status, exc.message)
+
+    async def api_clock(self, _: dict[str, list[str]]) -> Response:
+        return _json(control.read_clock(self.kms.clock))
+
+    def add_rules(self, _: dict[str, list[str]], body: bytes) -> Any:
+        return control.add_rules(self.kms.rules, body, self.kms.clock())
+
+    def delete_rules(self, query: dict[str, list[str]], _: bytes) -> Any:
+        return control.delete_rules(self.kms.rules, query)
+
+    def set_clock(self, _: dict[str, list[str]], body: bytes) -> Any:
+        return control.set_clock(self.kms.clock, body)
 
     # Pages ----------------------------------------------------------------------------
 
@@ -382,12 +475,23 @@ class AdminServer:
         return _json([asdict(r) for r in rows])
 
 
+def _header(head: bytes, wanted: str) -> str | None:
+    """The value of a header of the request head (the last one of that name)."""
+    value = None
+    for line in head.split(b"\r\n")[1:]:
+        name, _, text = line.decode("latin-1").partition(":")
+        if name.strip().lower() == wanted:
+            value = text.strip()
+    return value
+
+
 async def start(
     listen: tuple[str, int],
     kms: KmsServer,
     store: SqliteStore | None = None,
     publisher: DnsPublication | None = None,
+    token: str | None = None,
 ) -> AdminServer:
-    admin = AdminServer(kms, store, publisher)
+    admin = AdminServer(kms, store, publisher, token)
     await admin.start(*listen)
     return admin

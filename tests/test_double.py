@@ -346,15 +346,19 @@ def impacket_call(host: KmsTestHost) -> rpcrt.DCERPC_v5:
     return dce
 
 
+def impacket_request(dce: rpcrt.DCERPC_v5) -> None:
+    """Bind and send one NDR32 RequestActivation for Windows 10/11 Enterprise."""
+    dce.bind(KMS_INTERFACE)
+    sku = products().sku_by_name(WIN)
+    assert sku is not None
+    dce.call(0, ndr.wrap_request(kms.encode_request(base_request(sku), iv=bytes(16)), False))
+
+
 def test_fault_as_impacket_sees_it(kms_host: KmsTestHost) -> None:
     kms_host.rule(fault="0x1C010003")
     dce = impacket_call(kms_host)
     try:
-        dce.bind(KMS_INTERFACE)
-        sku = products().sku_by_name(WIN)
-        assert sku is not None
-        stub = ndr.wrap_request(kms.encode_request(base_request(sku), iv=bytes(16)), False)
-        dce.call(0, stub)
+        impacket_request(dce)
         with pytest.raises(rpcrt.DCERPCException, match=r"^nca_s_unk_if$"):
             dce.recv()
     finally:
@@ -379,11 +383,7 @@ def test_hresult_as_impacket_sees_it(kms_host: KmsTestHost) -> None:
     kms_host.rule(hresult="INVALID_TIMESTAMP")
     dce = impacket_call(kms_host)
     try:
-        dce.bind(KMS_INTERFACE)
-        sku = products().sku_by_name(WIN)
-        assert sku is not None
-        stub = ndr.wrap_request(kms.encode_request(base_request(sku), iv=bytes(16)), False)
-        dce.call(0, stub)
+        impacket_request(dce)
         reply = dce.recv()
         assert ndr.unwrap_response(reply, False) == (b"", HResult.INVALID_TIMESTAMP)
         assert struct.unpack_from("<I", reply, len(reply) - 4)[0] == HResult.INVALID_TIMESTAMP

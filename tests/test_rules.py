@@ -44,7 +44,7 @@ WIN = _WIN
         ({"tamper": "crc"}, "tamper: unknown check 'crc'"),
         ({"tamper": "hmac", "protocol": 4}, "tamper: a V4 reply has no 'hmac' check"),
         ({"epid": "x" * 64}, "epid: longer than 63"),
-        ({"hwid": "00112233"}, "hwid: expected 16 hex digits"),
+        ({"hwid": "00112233"}, "hwid: '00112233': HWID must be 16 hex digits"),
         ({"bind_nak": 2, "product": "Windows 10/11 Enterprise"}, "product: a bind_nak"),
         ({"bind_nak": 2, "delay": 1}, "delay: a bind_nak"),
         ({"bind_nak": 70000}, "bind_nak: reason 70000 is not 16-bit"),
