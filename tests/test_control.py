@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -254,3 +255,23 @@ def test_set_clock_refuses_what_is_not_a_time() -> None:
             set_clock(clock, body)
     with pytest.raises(Problem, match="cannot be set"):
         set_clock(lambda: 0.0, b'{"advance": 1}')
+
+
+def test_the_container_recipe_fits_together(tmp_path: Path) -> None:
+    """deploy/testing: the compose file's mounts exist, its secret is where kmsd.toml looks
+    for the token, and kmsd.toml (with its [[rule]]) is a valid configuration."""
+    recipe = Path(__file__).resolve().parent.parent / "deploy" / "testing"
+    service = yaml.safe_load((recipe / "compose.yaml").read_text())["services"]["kmsd"]
+    [mount] = service["volumes"]
+    source, target, _ = mount.split(":")
+    assert (recipe / source).is_file() and service["command"] == ["--config", target]
+    [secret] = service["secrets"]
+    toml = (recipe / "kmsd.toml").read_text()
+    assert f'admin_token_file = "/run/secrets/{secret}"' in toml
+    token = tmp_path / "token"
+    token.write_text(TOKEN)
+    file = tmp_path / "kmsd.toml"
+    file.write_text(toml.replace(f"/run/secrets/{secret}", str(token)))
+    _, built = config.load({"config": str(file)})
+    assert built.admin_token == TOKEN and built.admin == ("0.0.0.0", 9688)
+    assert [r["name"] for r in built.host.rules] == ["windows activates"]
