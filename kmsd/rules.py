@@ -1,7 +1,8 @@
 """Behaviour rules: what the host answers to chosen requests, for tests of activation tooling.
 
-A rule is a match and a response. Rules are tried in the order they were added; the first
-one that matches a request and has not expired decides the answer. A rule may hold for its
+A rule is a match and a response. Rules are tried in the order they were added, those of the
+configuration file last (the baseline a test's own rules override); the first one that
+matches a request and has not expired decides the answer. A rule may hold for its
 next `times` matches or for `seconds` of the host's clock (which may be virtual), then it
 goes. Without rules the host answers as a real one does.
 
@@ -434,11 +435,16 @@ class RuleSet:
             raise RuleError(f"at most {MAX_RULES} rules at once ({len(self.rules)} now)")
 
     def add(self, rule: Rule, now: float) -> Rule:
+        """Add a rule after the others, but ahead of the configuration's: those are the
+        baseline that a test's own rules override."""
         self.reserve(1)
         rule.id, rule.added = self.next_id, now
         rule.name = rule.name or f"rule {rule.id}"
         self.next_id += 1
-        self.rules.append(rule)
+        at = len(self.rules)
+        if rule.origin != CONFIG:
+            at = next((i for i, r in enumerate(self.rules) if r.origin == CONFIG), at)
+        self.rules.insert(at, rule)
         self._recount()
         return rule
 
@@ -455,14 +461,11 @@ class RuleSet:
 
     def configure(self, specs: Iterable[Mapping[str, Any]], now: float) -> None:
         """Put the configuration's rules in place of those it gave before (at start and on
-        reload), ahead of the others."""
+        reload), after the others."""
         rules = [parse_rule(spec, origin=CONFIG) for spec in specs]
-        kept = [r for r in self.rules if r.origin != CONFIG]
-        self.rules = []
+        self.rules = [r for r in self.rules if r.origin != CONFIG]
         for rule in rules:
             self.add(rule, now)
-        self.rules += kept
-        self._recount()
 
     def current(self, now: float) -> list[Rule]:
         """The rules still in force (expired ones are dropped)."""

@@ -105,11 +105,14 @@ def test_rules_from_the_file_and_the_api(double: KmsdProcess) -> None:
     assert status == 400 and refused["error"].startswith("hresult: expected one of S_OK")
     status, added = admin(double, "POST", "/api/rules", [rule])
     assert status == 201 and added[0]["origin"] == "api" and added[0]["times_left"] == 1
-    # An API rule goes after the file's, which matches first: remove the file's.
-    assert admin(double, "DELETE", f"/api/rules?id={rules[0]['id']}") == (200, {"removed": 1})
+    # A test's rule goes ahead of the file's (the baseline), and goes after one use.
+    order = [(r["origin"], r["used"]) for r in admin(double, "GET", "/api/rules")[1]]
+    assert order == [("api", 0), ("config", 1)]
     result = call(double)
     assert result.status == Status.REFUSED and result.failure.hresult == 0xC004F042
-    assert admin(double, "GET", "/api/rules")[1] == []  # times=1: used up
+    assert call(double).verified.reply.base.count == 25
+    assert admin(double, "DELETE", f"/api/rules?id={rules[0]['id']}") == (200, {"removed": 1})
+    assert admin(double, "GET", "/api/rules")[1] == []
     assert admin(double, "DELETE", "/api/rules?id=99") == (404, {"error": "no rule 99"})
 
 
@@ -166,7 +169,7 @@ def test_reload_replaces_the_files_rules_and_keeps_the_apis(
     double.process.send_signal(signal.SIGHUP)
     double.read_log_until("configuration reloaded")
     rules = admin(double, "GET", "/api/rules")[1]
-    assert [(r["origin"], r.get("count")) for r in rules] == [("config", 24), ("api", 3)]
+    assert [(r["origin"], r.get("count")) for r in rules] == [("api", 3), ("config", 24)]
     assert call(double).verified.reply.base.count == 24
 
 
