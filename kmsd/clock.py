@@ -1,8 +1,10 @@
-"""Time for kmsd from a file, for tests and simulations only (`--clock-file`).
+"""Clocks other than the system's, for tests and simulations.
 
-`kmsclient simulate` runs clients on a virtual clock and writes that clock's Unix time
-into the file (replacing it in one rename) before each request, so a real kmsd counts,
-expires records and checks request times on the same virtual clock.
+FileClock (`--clock-file`): `kmsclient simulate` runs clients on a virtual clock and writes
+that clock's Unix time into the file (replacing it in one rename) before each request, so a
+real kmsd counts, expires records and checks request times on the same virtual clock.
+VirtualClock (kmsd.testing) stands still unless a test moves it; ShiftedClock is real time
+that the admin endpoint's /api/clock moves (kmsd as a test double, with its token).
 """
 
 from __future__ import annotations
