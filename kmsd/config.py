@@ -906,7 +906,10 @@ def rule_from_table(table: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def rule_from_text(text: str) -> dict[str, Any]:
-    """A rule as 'KEY=VALUE ...' (shell quoting; numbers and true are typed)."""
+    """A rule as 'KEY=VALUE ...' (shell quoting); the values of the keys that take numbers
+    or true are typed, the others stay text (a workstation may be called 42)."""
+    from .rules import FLAG_KEYS, NUMBER_KEYS
+
     table: dict[str, Any] = {}
     try:
         words = shlex.split(text)
@@ -917,9 +920,9 @@ def rule_from_text(text: str) -> dict[str, Any]:
         if not sep:
             raise ValueError(f"{word!r}: expected KEY=VALUE")
         value: Any = raw
-        if raw.lower() in ("true", "false"):
+        if key in FLAG_KEYS and raw.lower() in ("true", "false"):
             value = raw.lower() == "true"
-        else:
+        elif key in NUMBER_KEYS:
             for kind in (int, float):
                 try:
                     value = kind(raw)

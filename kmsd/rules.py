@@ -89,6 +89,8 @@ REPLY_KEYS = (
     "activation_interval",
     "renewal_interval",
 )
+NUMBER_KEYS = ("count", "delay", "times", "seconds", "activation_interval", "renewal_interval")
+FLAG_KEYS = ("close",)
 KEYS = ("name", *MATCH_KEYS, *ACTION_KEYS, "delay", *REPLY_KEYS, "times", "seconds")
 
 

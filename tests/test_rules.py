@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kmsd import config
 from kmsd.protocol.client import base_request
 from kmsd.protocol.products import products
 from kmsd.rules import KEYS, MAX_DELAY, RuleError, RuleSet, parse_rule
@@ -149,3 +150,23 @@ def test_fuzz_a_rule_parses_or_is_refused_clearly(spec: dict[str, Any]) -> None:
         return
     again = parse_rule(rule.spec)
     assert (again.match, again.response, again.spec) == (rule.match, rule.response, rule.spec)
+
+
+def test_rule_text_keeps_text_that_looks_like_a_number() -> None:
+    spec = {"name": "0", "workstation": "42", "count": 3, "delay": 0.5}
+    assert config.rule_from_text(config.rule_text(spec)) == spec
+
+
+@settings(derandomize=True, max_examples=1000, deadline=None)
+@given(st.lists(SPECS, min_size=1, max_size=3))
+def test_fuzz_rule_tables_through_the_configuration_parser(tables: list[dict[str, Any]]) -> None:
+    """[[rule]] tables as kmsd.config reads them: each is taken in canonical form or
+    refused with a ValueError (which read_file reports under host.rule)."""
+    option = config.BY_NAME["rule"]
+    try:
+        specs = config._from_toml(option, tables)
+    except ValueError as exc:
+        assert str(exc)
+        return
+    assert [parse_rule(spec).spec for spec in specs] == specs
+    assert [config.rule_from_text(option.show(spec)) for spec in specs] == specs
