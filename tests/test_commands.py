@@ -15,7 +15,16 @@ from tests.conftest import KmsdProcess, run_kmsd, start_kmsd, stop_kmsd
 
 WIN = products().sku_by_name("Windows 10/11 Enterprise")
 DAY = 86400
-COMMANDS = ("check-config", "dns-check", "clients", "stats", "forget", "reset", "dns-serve")
+COMMANDS = (
+    "check-config",
+    "dns-check",
+    "clients",
+    "stats",
+    "forget",
+    "reset",
+    "dns-serve",
+    "journal",
+)
 
 
 async def activate(kmsd: KmsdProcess) -> int:
