@@ -40,7 +40,7 @@ from __future__ import annotations
 import fnmatch
 import ipaddress
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
@@ -49,7 +49,7 @@ from uuid import UUID
 from .config import parse_hwid
 from .protocol.errors import FaultStatus, HResult
 from .protocol.kms import BaseRequest
-from .protocol.products import products
+from .protocol.products import Application, KmsItem, ProductNameError, Sku, products
 from .protocol.rpc import NakReason
 
 CONFIG = "config"  # the origin of the configuration's rules (a reload replaces them)
@@ -225,43 +225,16 @@ def _guid(text: str) -> UUID | None:
         return None
 
 
-def _application(text: str) -> UUID:
-    apps = products().applications.values()
-    for app in apps:
-        if app.name.casefold() == text.casefold():
-            return app.id
-    guid = _guid(text)
-    if guid is None:
-        names = ", ".join(repr(a.name) for a in apps)
-        raise RuleError(f"application: unknown {text!r} (known: {names}, or a GUID)")
-    return guid
-
-
-def _kms_id(text: str) -> UUID:
-    db = products()
-    for item in db.kms_items.values():
-        if item.name.casefold() == text.casefold():
-            return item.id
-    guid = _guid(text)
-    if guid is None:
-        raise RuleError(
-            f"kms_id: {text!r} is neither a product group name (kmsclient activate "
-            "--list-products shows them) nor a GUID"
-        )
-    return guid
-
-
-def _sku(text: str) -> UUID:
-    sku = products().sku_by_name(text)
-    if sku is not None:
-        return sku.id
-    guid = _guid(text)
-    if guid is None:
-        raise RuleError(
-            f"product: {text!r} is neither a product name (kmsclient activate "
-            "--list-products shows them) nor a SKU ID"
-        )
-    return guid
+def _named(key: str, text: str, find: Callable[[str], Application | KmsItem | Sku]) -> UUID:
+    """A product database ID by name as people type it (the CLI's resolution), or any GUID
+    (an unknown one matches what clients send)."""
+    try:
+        return find(text).id
+    except ProductNameError as exc:
+        guid = _guid(text)
+        if guid is None:
+            raise RuleError(f"{key}: {exc} (kmsclient activate --list-products)") from None
+        return guid
 
 
 def _code(spec: Mapping[str, Any], key: str, names: type[IntEnum]) -> int:
@@ -301,13 +274,14 @@ def parse_rule(spec: Mapping[str, Any], origin: str = "python") -> Rule:
     canon: dict[str, Any] = {}
     match: dict[str, Any] = {}
     if "application" in spec:
-        match["application"] = _application(
-            canon.setdefault("application", _text(spec, "application"))
-        )
+        text = canon.setdefault("application", _text(spec, "application"))
+        match["application"] = _named("application", text, products().find_application)
     if "kms_id" in spec:
-        match["kms_id"] = _kms_id(canon.setdefault("kms_id", _text(spec, "kms_id")))
+        text = canon.setdefault("kms_id", _text(spec, "kms_id"))
+        match["kms_id"] = _named("kms_id", text, products().find_kms_item)
     if "product" in spec:
-        match["sku"] = _sku(canon.setdefault("product", _text(spec, "product")))
+        text = canon.setdefault("product", _text(spec, "product"))
+        match["sku"] = _named("product", text, products().find_sku)
     if "cmid" in spec:
         cmid = _guid(_text(spec, "cmid"))
         if cmid is None:

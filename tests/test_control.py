@@ -176,7 +176,7 @@ def test_reload_replaces_the_files_rules_and_keeps_the_apis(
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ('[[rule]]\nproduct = "Windows 99"\n', "host.rule: product: 'Windows 99' is neither"),
+        ('[[rule]]\nproduct = "Windows 99"\n', "host.rule: product: unknown product 'Windows 99'"),
         ("[[rule]]\nhresult = 0\n", "host.rule: hresult: 0 is success"),
         ("[[rule]]\nbogus = 1\n", "host.rule: unknown key 'bogus'"),
         (

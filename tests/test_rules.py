@@ -24,9 +24,9 @@ WIN = _WIN
     ("spec", "message"),
     [
         ({"produkt": "x"}, "unknown key 'produkt'"),
-        ({"product": "Windows 99"}, "product: 'Windows 99' is neither a product name"),
-        ({"application": "Linux"}, "application: unknown 'Linux'"),
-        ({"kms_id": "nope"}, "kms_id: 'nope' is neither a product group name"),
+        ({"product": "Windows 99"}, "product: unknown product 'Windows 99'; closest:"),
+        ({"application": "Linux"}, "application: unknown application 'Linux'"),
+        ({"kms_id": "nope"}, "kms_id: unknown product 'nope'"),
         ({"cmid": "xyz"}, "cmid: 'xyz' is not a GUID"),
         ({"protocol": 7}, "protocol: expected 4, 5 or 6"),
         ({"client": "10.0.0.300"}, "client: '10.0.0.300' is not an address or network"),
