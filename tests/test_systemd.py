@@ -293,8 +293,11 @@ needs_analyze = pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze not 
 
 
 def units_here(tmp_path: Path) -> Path:
-    """The units with ExecStart= pointing at this machine's kmsd (verify checks it exists)."""
-    kmsd = shutil.which("kmsd") or pytest.skip("the kmsd command is not installed")
+    """The units with ExecStart= pointing at this machine's kmsd (verify checks it exists):
+    the one installed beside the running interpreter (a venv's bin/), else the one on PATH."""
+    here = os.pathsep.join((os.path.dirname(sys.executable), os.environ.get("PATH", "")))
+    kmsd = shutil.which("kmsd", path=here)
+    assert kmsd, "the kmsd command is not installed beside this Python nor on PATH"
     text = (UNITS / "kmsd.service").read_text()
     assert "ExecStart=/usr/local/bin/kmsd\n" in text
     (tmp_path / "kmsd.service").write_text(text.replace("/usr/local/bin/kmsd", kmsd))
