@@ -29,6 +29,10 @@ if TYPE_CHECKING:
 
 LOOPBACK = "127.0.0.1"
 
+# The README's test command runs `.venv/bin/python -m pytest` without activating the venv:
+# programs the tests start (kmsd, kmsclient, example tools) must find this venv's commands.
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+
 # Two tiers. `system`: tests that start daemons, real servers or other programs (kmsd as a
 # process or on a socket, BIND, Samba, chromium, tshark, systemd-analyze, ruff, mypy); the
 # rest is the pure core, run in seconds by `pytest -m "not system"`. Whole modules of
