@@ -187,40 +187,54 @@ def debian() -> Iterator[Path]:
     if shutil.which("debootstrap") is None:
         pytest.fail("debootstrap is missing: the README's test command installs it")
     tarball = bootstrapped_root()
-    with tempfile.TemporaryDirectory(dir=CACHE, prefix="root-") as work:
-        root = Path(work)
-        mounts: list[Path] = []
-        try:
-            run(["tar", "-C", str(root), "-xpf", str(tarball)], timeout=600)
-            copy_network_settings(root)
-            checkout = root / CHECKOUT.lstrip("/")
-            checkout.mkdir(parents=True)
-            archive = subprocess.run(
-                ["git", "-C", str(ROOT), "archive", "HEAD"], capture_output=True, check=True
-            ).stdout
-            subprocess.run(["tar", "-C", str(checkout), "-x"], input=archive, check=True)
-            for fs, where in (("proc", "proc"), ("sysfs", "sys")):
-                run(["mount", "-t", fs, fs, str(root / where)], timeout=30)
-                mounts.append(root / where)
-            run(["mount", "--rbind", "/dev", str(root / "dev")], timeout=30)
-            mounts.append(root / "dev")
-            run(["mount", "--make-rslave", str(root / "dev")], timeout=30)
-            for cache, inside in DOWNLOADS.items():  # what was downloaded before, not installed
-                (CACHE / cache).mkdir(exist_ok=True)
-                (root / inside).mkdir(parents=True, exist_ok=True)
-                run(["mount", "--bind", str(CACHE / cache), str(root / inside)], timeout=30)
-                mounts.append(root / inside)
-            yield root
-        finally:
-            for mount in reversed(mounts):
-                subprocess.run(["umount", "-R", str(mount)], check=False)
-            still = [m for m in mounts if os.path.ismount(m)]
-            if still:  # never delete through a mount point
-                for mount in still:
-                    subprocess.run(["umount", "-R", "-l", str(mount)], check=False)
-                time.sleep(1)  # lazy unmount: give the kernel a moment before removal
-            if any(os.path.ismount(m) for m in mounts):
-                pytest.fail(f"could not unmount {mounts}; {root} left in place")
+    root = Path(tempfile.mkdtemp(dir=CACHE, prefix="root-"))
+    mounts: list[Path] = []
+    try:
+        run(["tar", "-C", str(root), "-xpf", str(tarball)], timeout=600)
+        copy_network_settings(root)
+        checkout = root / CHECKOUT.lstrip("/")
+        checkout.mkdir(parents=True)
+        archive = subprocess.run(
+            ["git", "-C", str(ROOT), "archive", "HEAD"], capture_output=True, check=True
+        ).stdout
+        subprocess.run(["tar", "-C", str(checkout), "-x"], input=archive, check=True)
+        for fs, where in (("proc", "proc"), ("sysfs", "sys")):
+            run(["mount", "-t", fs, fs, str(root / where)], timeout=30)
+            mounts.append(root / where)
+        run(["mount", "--rbind", "/dev", str(root / "dev")], timeout=30)
+        mounts.append(root / "dev")
+        run(["mount", "--make-rslave", str(root / "dev")], timeout=30)
+        for cache, inside in DOWNLOADS.items():  # what was downloaded before, not installed
+            (CACHE / cache).mkdir(exist_ok=True)
+            (root / inside).mkdir(parents=True, exist_ok=True)
+            run(["mount", "--bind", str(CACHE / cache), str(root / inside)], timeout=30)
+            mounts.append(root / inside)
+        yield root
+    finally:
+        remove_root(root)
+
+
+def mounted_under(root: Path) -> list[Path]:
+    """Every mount point at or below `root` (from /proc/self/mountinfo), deepest first."""
+    below: list[Path] = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        point = Path(line.split()[4].encode().decode("unicode_escape"))
+        if point == root or root in point.parents:
+            below.append(point)
+    return sorted(below, key=lambda point: len(point.parts), reverse=True)
+
+
+def remove_root(root: Path) -> None:
+    """Unmount everything below `root`, then delete it without ever crossing into another
+    file system (the host's /dev and the download caches are bind-mounted inside)."""
+    for point in mounted_under(root):
+        subprocess.run(["umount", str(point)], check=False, capture_output=True)
+    for point in mounted_under(root):  # still busy: detach lazily
+        subprocess.run(["umount", "-l", str(point)], check=False, capture_output=True)
+    left = mounted_under(root)
+    if left:
+        pytest.fail(f"could not unmount {left}; {root} left in place")
+    subprocess.run(["rm", "-rf", "--one-file-system", str(root)], check=False)
 
 
 def in_root(root: Path, command: str, label: str, timeout: float = 2700) -> str:
