@@ -13,11 +13,10 @@ products is refused with their list, an unknown one with the closest names.
 from __future__ import annotations
 
 import datetime as dt
-import difflib
 import json
 import re
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, cached_property
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 from uuid import UUID
@@ -120,6 +119,8 @@ class _Names(Generic[T]):
             raise ProductNameError(
                 f"{text!r} matches {len(names)} {self.kind}s: {', '.join(names[:8])}{more}"
             )
+        import difflib  # only for a name that matches nothing
+
         close = difflib.get_close_matches(key, self.exact, n=6, cutoff=0.6)
         names = list(dict.fromkeys(sorted(self.exact[c])[0] for c in close))[:3]
         hint = f"; closest: {', '.join(names)}" if names else ""
@@ -162,25 +163,37 @@ class ProductDatabase:
             UUID(s["id"]): Sku(UUID(s["id"]), s["name"], self.kms_items[UUID(s["kms_id"])])
             for s in _rows(raw, "skus")
         }
-        self._sku_names = _Names(
+        self._app_aliases = {
+            a.name: row.get("aliases", [])
+            for a, row in zip(self.applications.values(), _rows(raw, "applications"), strict=True)
+        }
+        self._by_name = {s.name: s for s in self.skus.values()}
+
+    # The indexes of names as people type them are built at their first use: a daemon that
+    # is never asked for a name (most are) does not keep them in memory.
+
+    @cached_property
+    def _sku_names(self) -> _Names[Sku]:
+        return _Names(
             "product",
             {s.name: sku_aliases(s.name) for s in self.skus.values()},
             {s.name: s for s in self.skus.values()},
         )
-        self._app_names = _Names(
+
+    @cached_property
+    def _app_names(self) -> _Names[Application]:
+        return _Names(
             "application",
             {
-                a.name: {normalize(a.name), *map(normalize, aliases)}
-                for a, aliases in zip(
-                    self.applications.values(),
-                    (row.get("aliases", []) for row in _rows(raw, "applications")),
-                    strict=True,
-                )
+                a.name: {normalize(a.name), *map(normalize, self._app_aliases[a.name])}
+                for a in self.applications.values()
             },
             {a.name: a for a in self.applications.values()},
         )
-        self._kms_names = {normalize(k.name): k for k in self.kms_items.values()}
-        self._by_name = {s.name: s for s in self.skus.values()}
+
+    @cached_property
+    def _kms_names(self) -> dict[str, KmsItem]:
+        return {normalize(k.name): k for k in self.kms_items.values()}
 
     def sku_by_name(self, name: str) -> Sku | None:
         """A SKU by its exact name, for code; people's names go through find_sku."""
