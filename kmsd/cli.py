@@ -9,7 +9,8 @@ when that command runs.
 from __future__ import annotations
 
 import argparse
-import difflib
+import contextlib
+import os
 import sys
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
@@ -57,6 +58,29 @@ def _command_list() -> str:
     return "\n".join(f"  {name:{width}}  {c.summary}" for name, c in COMMANDS.items())
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """argparse's formatter, given the terminal's width: argparse imports shutil (and with it
+    bz2 and lzma, ~0.9 MiB a running daemon would keep) only to ask for it."""
+
+    def __init__(
+        self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
+        width: int | None = None,
+    ) -> None:  # fmt: skip
+        super().__init__(prog, indent_increment, max_help_position, width or _columns() - 2)
+
+
+def _columns() -> int:
+    """The terminal's width as shutil.get_terminal_size finds it: $COLUMNS, the terminal of
+    standard output, else 80."""
+    with contextlib.suppress(ValueError):
+        if (columns := int(os.environ.get("COLUMNS", "0"))) > 0:
+            return columns
+    try:
+        return os.get_terminal_size(sys.__stdout__.fileno()).columns or 80  # type: ignore[union-attr]
+    except (AttributeError, ValueError, OSError):  # no standard output, or not a terminal
+        return 80
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="kmsd",
@@ -69,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
         "then the file. A list option is repeated on the command line, an array in the "
         "file and comma-separated in its variable.",
         epilog=f"commands (each has --help):\n{_command_list()}",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     p.add_argument("--version", action="version", version=f"kmsd {__version__}")
     config.add_options(p)
@@ -94,6 +118,8 @@ def configuration_error(exc: config.ConfigError) -> int:
 
 
 def unknown_command(name: str) -> int:
+    import difflib  # only for a mistyped command
+
     close = difflib.get_close_matches(name, COMMANDS, n=1)
     hint = f"; did you mean '{close[0]}'?" if close else ""
     print(f"kmsd: unknown command '{name}'{hint}", file=sys.stderr)

@@ -18,7 +18,6 @@ import math
 import os
 import shlex
 import socket
-import tomllib
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -1107,6 +1106,8 @@ def _from_toml(option: Option, value: object) -> Any:
 
 def read_file(path: Path) -> dict[str, Any]:
     """The options of a TOML file; ConfigError lists every problem, by key."""
+    import tomllib  # here: a daemon started without a file never needs its 1.4 MiB
+
     try:
         data = tomllib.loads(read_text(path))
     except OSError as exc:
