@@ -233,7 +233,8 @@ def test_durations() -> None:
     assert parse_duration("2d 9h 30m") == 2 * DAY + 9.5 * HOUR
     assert parse_duration(1.5) == 1.5 * DAY
     assert parse_duration("90m") == 1.5 * HOUR
-    for bad in ("2 days", "", "h", True, -1):
+    # words, nothing, no number, a bool, negative, not finite, digits of another script
+    for bad in ("2 days", "", "h", True, -1, float("nan"), float("inf"), "\u0663d", "1\uff10m"):
         with pytest.raises(ValueError):
             parse_duration(bad)
 

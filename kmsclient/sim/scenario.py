@@ -7,6 +7,7 @@ Times are offsets from the scenario's start: a number of days, or text such as "
 from __future__ import annotations
 
 import datetime as dt
+import math
 import re
 import tomllib
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from ..licensing import DAY, HOUR, MINUTE
 DEFAULT_START = "2025-01-06T00:00:00Z"  # a Monday
 MAX_CLIENTS = 1_000_000
 MAX_DAYS = 3660
-_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([dhm])\s*")
+_DURATION = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([dhm])\s*")
 _UNITS = {"d": DAY, "h": HOUR, "m": MINUTE}
 _SCENARIO_KEYS = {"name", "description", "start", "days", "seed", "hosts", "groups"}
 _HOST_KEYS = {"name", "priority", "weight", "outages", "precharge"}
@@ -51,6 +52,8 @@ def parse_duration(value: object) -> float:
             raise ValueError(f"{value!r} is not a duration such as 2d, 9h, 90m or 1d12h")
     else:
         raise ValueError(f"{value!r} is not a duration")
+    if not math.isfinite(seconds):
+        raise ValueError(f"{value!r} is not a finite duration")
     if seconds < 0:
         raise ValueError(f"{value!r} is negative")
     return seconds
