@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import fcntl
 import json
 import os
 import re
@@ -302,6 +303,16 @@ def check_readme_setup(debian: Path) -> None:
     )
 
 
+@contextlib.contextmanager
+def one_at_a_time() -> Iterator[None]:
+    """Runs on one machine share the cache (the weekly root, apt's and pip's downloads, where
+    apt takes its own lock): a second run waits for the first."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 class Background(threading.Thread):
     """The whole check, started when the session has collected it (conftest), so that its
     minutes of apt, pip and dpkg overlap the rest of the suite; the test waits for it."""
@@ -312,7 +323,7 @@ class Background(threading.Thread):
 
     def run(self) -> None:
         try:
-            with debian() as root:
+            with one_at_a_time(), debian() as root:
                 check_readme_setup(root)
         except BaseException as exc:  # pytest.fail's exception too: re-raised by the test
             self.error = exc
