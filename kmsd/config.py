@@ -48,6 +48,9 @@ if TYPE_CHECKING:
 DEFAULT_ADMIN_PORT = 9688
 DEFAULT_CONFIG = Path("/etc/kmsd/kmsd.toml")
 ENV_PREFIX = "KMSD_"
+# Variables of kmsd's name that are not options: the configuration file's path, the switch
+# to the pure-Python ciphers (kmsd.protocol.crypto), and the test suite's own two.
+NOT_OPTIONS = frozenset({"KMSD_CONFIG", "KMSD_PURE_PYTHON", "KMSD_PRISTINE", "KMSD_CI_CACHE"})
 MINUTE, HOUR, DAY = 60.0, 3600.0, 86400.0
 MIB = 2**20  # bytes
 
@@ -1142,7 +1145,7 @@ def read_environment(environ: Mapping[str, str]) -> dict[str, Any]:
     problems = []
     by_env = {o.env: o for o in OPTIONS}
     for name, text in environ.items():
-        if not name.startswith(ENV_PREFIX) or name == "KMSD_CONFIG":
+        if not name.startswith(ENV_PREFIX) or name in NOT_OPTIONS:
             continue
         option = by_env.get(name)
         if option is None:

@@ -86,6 +86,14 @@ def test_environment_errors_name_the_variable() -> None:
     assert eff.values["listen"] == [("127.0.0.1", 1), ("::1", 2)] and eff.values["strict"]
 
 
+def test_variables_of_kmsd_that_are_not_options_are_left_alone() -> None:
+    """KMSD_PURE_PYTHON (README, kmsd.protocol.crypto) and the test suite's variables are
+    read elsewhere: a daemon started with them set must not refuse them as options."""
+    others = {name: "1" for name in config.NOT_OPTIONS if name != "KMSD_CONFIG"}
+    assert {"KMSD_PURE_PYTHON", "KMSD_PRISTINE", "KMSD_CI_CACHE"} <= set(others)
+    assert resolve([], {**others, "KMSD_STRICT": "yes"}).values["strict"]
+
+
 def test_missing_config_file_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(config.ConfigError, match="cannot read"):
         resolve(["--config", str(tmp_path / "none.toml")], {})
