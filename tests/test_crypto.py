@@ -9,12 +9,14 @@ extension was not built, except in CI (CI=true), where a missing extension is a 
 from __future__ import annotations
 
 import hmac
+import json
 import os
 import random
 import site
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,7 @@ from kmsd.protocol.crypto import (
     pkcs7_unpad,
     v6_hmac_key,
 )
+from tests.conftest import read_until
 
 ROOT = Path(__file__).resolve().parent.parent
 ZERO = bytes(16)
@@ -144,6 +147,44 @@ def test_fallback_to_pure_python(setup: str, expected: str) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == expected
+
+
+@pytest.mark.system
+@pytest.mark.parametrize(
+    ("setup", "crypto_field", "warns"),
+    [
+        ("", "compiled", False),
+        ("import os; os.environ['KMSD_PURE_PYTHON'] = '1'", "pure-python", False),
+        ("import sys; sys.modules['kmsd.protocol._rijndael'] = None", "pure-python", True),
+    ],
+    ids=["built", "env-forces-pure", "extension-missing"],
+)
+def test_daemon_says_which_rijndael_it_runs(setup: str, crypto_field: str, warns: bool) -> None:
+    """The ready line names the cipher in use; a missing extension (an install without a
+    compiler) is a warning that says what to install, a deliberate KMSD_PURE_PYTHON is not."""
+    if not setup and not crypto.ACCELERATED_AVAILABLE:
+        pytest.fail("the C extension must be built for this test (gcc and python3-dev)")
+    code = (
+        f"{setup}\nimport sys\nfrom kmsd.cli import main\n"
+        "sys.exit(main(['--listen', '127.0.0.1:0', '--db', ':memory:', '--log-format', 'json']))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "KMSD_PURE_PYTHON"}
+    kmsd = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=False
+    )
+    try:
+        assert kmsd.stderr is not None
+        said = read_until(kmsd.stderr.fileno(), "kmsd ready", time.monotonic() + 60)
+    finally:
+        kmsd.terminate()
+        kmsd.wait(timeout=20)
+    events = [json.loads(line) for line in said.splitlines() if line.startswith("{")]
+    ready = next(e for e in events if e["event"] == "kmsd ready")
+    assert ready["crypto"] == crypto_field
+    warnings = [e["event"] for e in events if "compiled Rijndael" in e["event"]]
+    assert bool(warnings) == warns, warnings
+    if warns:
+        assert "gcc and python3-dev" in warnings[0]
 
 
 def test_v6_round_key_tweak() -> None:

@@ -274,6 +274,8 @@ def check_readme_setup(debian: Path) -> None:
         said = read_until(kmsd.stderr.fileno(), "kmsd ready", time.monotonic() + 60)
         if "kmsd ready" not in said:
             pytest.fail(f"kmsd did not become ready in the pristine root:\n{said}")
+        # The quick start installs a compiler: the ciphers are the compiled ones.
+        assert "crypto=compiled" in said, said
         TIMINGS.append(("quick start: kmsd until ready", time.monotonic() - started))
         answer = json.loads(
             in_root(debian, f"kmsclient activate 127.0.0.1:{port} --json || [ $? = 3 ]",
