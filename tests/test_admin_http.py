@@ -639,6 +639,26 @@ async def test_status_page_in_a_headless_browser_shows_a_new_client(tmp_path: Pa
             browser.evaluate, page, "document.getElementById('error').style.display"
         )
         assert error == "none"  # no API errors shown
+        # Several publication targets: the summary names each one (a status as the API
+        # would give it, shown by the page's own function).
+        two = {"zone": "a.test", "published": True}, {"zone": "b.test", "published": False}
+        status = {
+            "ready": True, "checks": {}, "version": "0", "uptime_seconds": 1,
+            "connections_open": 0, "connections_accepted": 0, "recent": [],
+            "dns": {**two[0], "targets": list(two)},
+        }  # fmt: skip
+        summary = await asyncio.to_thread(
+            browser.evaluate,
+            page,
+            f"(() => {{ try {{ showStatus({json.dumps(status)}); }}"
+            " catch (e) { return `${e}`; }"
+            " return document.getElementById('summary').textContent; })()",
+        )
+        assert "DNS a.test: published" in summary and "DNS b.test: not published" in summary
+        recent = await asyncio.to_thread(
+            browser.evaluate, page, "document.getElementById('recent').tBodies[0].textContent"
+        )
+        assert recent == "None"  # no activation yet: one row that says so (it used to throw)
     finally:
         await asyncio.to_thread(browser.close)
         assert stop_kmsd(kmsd) == 0
@@ -658,6 +678,8 @@ def test_dns_publication_state_is_exported() -> None:
     samples = parse_exposition(m.render(open_connections=0))
     assert value(samples, "kmsd_dns_published", zone="lab.test") == 1
     assert publisher.state()["srv"] == "0 0 1688 kms1.lab.test."
+    publisher.server = ("::1", 5353)
+    assert publisher.state()["server"] == "[::1]:5353"  # an IPv6 server as people write it
     assert "kmsd_dns_published" not in {
         n for n, _ in parse_exposition(Metrics().render(open_connections=0))
     }

@@ -320,10 +320,10 @@ class Publisher:
 
     def state(self) -> dict[str, Any]:
         """What the admin endpoint and the metrics show of this publication."""
-        published, server = self.published, self.server
+        published = self.published
         return {
             "zone": str(self.settings.zone).rstrip("."),
-            "server": f"{server[0]}:{server[1]}" if server else None,
+            "server": _fmt(self.server),
             "published": published is not None,
             "srv": published.srv if published else None,
             "addresses": sorted(published.addresses) if published else [],
