@@ -60,6 +60,7 @@ from kmsd.protocol.rpc import (
     Syntax,
     btfn_syntax,
     frag_length_of,
+    parse_header,
     parse_pdu,
 )
 from kmsd.server import KmsServer
@@ -347,6 +348,35 @@ def test_mutated_request_pdu(options: BindOptions, major: int, ops: list[Any]) -
             first = parse_pdu(split_pdus(e.data)[0])
             if isinstance(first, Fault):
                 assert first.status in set(FaultStatus)
+
+
+@FAST
+@given(
+    options=st.sampled_from(BIND_OPTIONS),
+    major=st.sampled_from([4, 5, 6]),
+    changes=st.lists(st.tuples(st.integers(0, 23), st.integers(1, 255)), max_size=3),
+    cut=st.integers(0, 8),
+)
+def test_whole_request_shortcut_answers_as_the_general_path(
+    options: BindOptions, major: int, changes: list[tuple[int, int]], cut: int
+) -> None:
+    """The usual request (one fragment, bound context, opnum 0) is read without parse_pdu;
+    for any header it takes, its event is the one the general path makes."""
+    conn, client = bound_client(options)
+    buf = bytearray(client.request(kms_message(major)[1])[0])
+    for at, xor in changes:
+        buf[at] ^= xor
+    pdu = bytes(buf[: len(buf) - cut])
+    if frag_length_of(pdu) != len(pdu) or pdu[2] != PType.REQUEST:  # what _handle asks it
+        return
+    shortcut = conn._whole_request(pdu)
+    if shortcut is None:
+        return
+    header = parse_header(pdu)
+    assert header.version == (5, 0) and header.auth_length == 0
+    general = parse_pdu(pdu, header)
+    assert isinstance(general, Request)
+    assert [shortcut] == conn._request(general)
 
 
 @SLOW

@@ -14,12 +14,14 @@ from .errors import FaultStatus, StubError
 from .kms import request_version
 from .rpc import (
     BTFN_FEATURES,
+    DREP_LE,
     HEADER_SIZE,
     KMS_INTERFACE,
     MAX_FRAG,
     MUST_RECV_FRAG,
     NDR32,
     NDR64,
+    REQUEST_HEAD,
     RPC_VERSION,
     WHOLE,
     Bind,
@@ -34,16 +36,21 @@ from .rpc import (
     PType,
     Reason,
     Request,
-    Response,
     Result,
     Syntax,
     btfn_features,
     frag_length_of,
     parse_header,
     parse_pdu,
+    response_pdu,
 )
 
 MAX_PENDING_CALLS = 4  # requests being reassembled at once on one connection
+# PTYPEs as plain ints (an enum member costs a class lookup on the per-PDU path)
+_REQUEST = int(PType.REQUEST)
+_BINDS = (int(PType.BIND), int(PType.ALTER_CONTEXT))
+_REQUEST_SIZE = REQUEST_HEAD.size
+_ONE_FRAGMENT = Flags.FIRST_FRAG | Flags.LAST_FRAG | Flags.OBJECT_UUID  # bits _whole_request reads
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,20 +84,20 @@ class Call:
         """The KMS protocol version (major, minor) the request claims, if any."""
         return request_version(self.payload)
 
+    # A KMS response stub (at most 288 bytes) always fits the 1432-byte fragment every
+    # DCE-RPC peer must accept, so responses are never fragmented.
+
     def reply(self, kms_response: bytes) -> bytes:
-        return self._respond(ndr.wrap_response(kms_response, self.ndr64))
+        return response_pdu(
+            self.call_id, self.context_id, ndr.wrap_response(kms_response, self.ndr64)
+        )
 
     def reply_error(self, hresult: int) -> bytes:
-        return self._respond(ndr.wrap_error(hresult, self.ndr64))
+        return response_pdu(self.call_id, self.context_id, ndr.wrap_error(hresult, self.ndr64))
 
     def fault(self, status: int) -> bytes:
         """Refuse the call without executing it (e.g. nca_s_server_too_busy)."""
         return Fault(self.call_id, self.context_id, status).encode()
-
-    def _respond(self, stub: bytes) -> bytes:
-        # A KMS response stub (at most 288 bytes) always fits the 1432-byte fragment every
-        # DCE-RPC peer must accept, so responses are never fragmented.
-        return Response(self.call_id, self.context_id, stub).encode()
 
 
 Event = Send | Close | Call
@@ -134,7 +141,10 @@ class _Partial:
     dropped: bool = False  # refused already; its remaining fragments are skipped
 
 
-class BindAnswers:
+_Answer = tuple[bytes, tuple[tuple[int, bool], ...]]  # the ack, the contexts it accepted
+
+
+class BindAnswers(dict[bytes, _Answer]):
     """Answers to binds already negotiated, shared by the connections of one server.
 
     A bind's answer depends only on its own bytes (but for its call id and requested
@@ -142,20 +152,18 @@ class BindAnswers:
     connection of a server; real clients send the same few binds over and over. So each
     answer is kept as the bytes of the ack and the contexts it accepted, and the next
     identical bind is answered by patching in its call id and association group, without
-    parsing or negotiating again. At most `size` answers are kept.
+    parsing or negotiating again. At most `size` answers are kept. (A dict itself, so that
+    looking an answer up is dict.get, no Python call.)
     """
 
     def __init__(self, size: int = 256) -> None:
+        super().__init__()
         self.size = size
-        self._answers: dict[bytes, tuple[bytes, tuple[tuple[int, bool], ...]]] = {}
-
-    def get(self, key: bytes) -> tuple[bytes, tuple[tuple[int, bool], ...]] | None:
-        return self._answers.get(key)
 
     def put(self, key: bytes, ack: bytes, accepted: tuple[tuple[int, bool], ...]) -> None:
-        if len(self._answers) >= self.size:
-            self._answers.clear()  # binds nobody sends twice (a fuzzer): start afresh
-        self._answers[key] = (ack, accepted)
+        if len(self) >= self.size:
+            self.clear()  # binds nobody sends twice (a fuzzer): start afresh
+        self[key] = (ack, accepted)
 
 
 class ServerConnection:
@@ -230,6 +238,22 @@ class ServerConnection:
         return Close(reason)
 
     def _handle(self, data: bytes) -> list[Event]:
+        """One whole PDU (exactly frag_length bytes)."""
+        ptype = data[2]
+        key = b""
+        if ptype == _REQUEST:
+            if len(data) >= _REQUEST_SIZE:
+                call = self._whole_request(data)
+                if call is not None:
+                    return [call]
+        elif ptype in _BINDS and self._answers is not None:
+            # Everything but the call id (12:16) and the requested group (20:24). Only binds
+            # that passed the checks below are remembered, and bytes 0:12 (version,
+            # auth_length) are in the key, so a bind found here passes them too.
+            key = self._sec_addr + data[:12] + data[16:20] + data[24:]
+            known = self._answers.get(key)
+            if known is not None:
+                return [self._bind_again(data, *known)]
         h = parse_header(data)
         is_bind = h.ptype in (PType.BIND, PType.ALTER_CONTEXT)
         if h.version != RPC_VERSION:
@@ -248,13 +272,6 @@ class ServerConnection:
                 NakReason.AUTHENTICATION_TYPE_NOT_RECOGNIZED,
                 "authenticated bind; KMS is anonymous",
             )
-        key = b""
-        if is_bind and self._answers is not None:
-            # Everything but the call id (12:16) and the requested group (20:24).
-            key = self._sec_addr + data[:12] + data[16:20] + data[24:]
-            known = self._answers.get(key)
-            if known is not None:
-                return [self._bind_again(data, *known)]
         try:
             pdu = parse_pdu(data, h)
         except PduError as exc:
@@ -354,19 +371,39 @@ class ServerConnection:
                 return []
             partial, whole = stub
             req = Request(req.call_id, partial.context_id, whole, partial.opnum)
-        ndr64 = self._contexts[req.context_id]
+        return [self._call(req.call_id, req.context_id, self._contexts[req.context_id], req.stub)]
+
+    def _whole_request(self, data: bytes) -> Event | None:
+        """The usual request, read without parse_pdu: version 5.0, little-endian, not
+        authenticated, in one fragment without an object UUID, opnum 0, on a bound
+        context. None for any other (the general path answers it)."""
+        vers, minor, _, flags, drep, _, auth, call_id, _, ctx, opnum = REQUEST_HEAD.unpack_from(
+            data
+        )
+        ndr64 = self._contexts.get(ctx)
+        if (
+            ndr64 is None
+            or (vers, minor) != RPC_VERSION
+            or flags & _ONE_FRAGMENT != WHOLE
+            or drep & 0xF0 != DREP_LE
+            or auth
+            or opnum
+        ):
+            return None
+        return self._call(call_id, ctx, ndr64, data[_REQUEST_SIZE:])
+
+    def _call(self, call_id: int, context_id: int, ndr64: bool, stub: bytes) -> Event:
+        """The call a whole request's stub makes, or the fault that refuses a bad stub."""
         try:
-            payload = ndr.unwrap_request(req.stub, ndr64)
+            payload = ndr.unwrap_request(stub, ndr64)
         except StubError as exc:
-            return [
-                self._fault(
-                    req.call_id,
-                    req.context_id,
-                    FaultStatus.BAD_STUB_DATA,
-                    f"bad {'NDR64' if ndr64 else 'NDR32'} stub: {exc}",
-                )
-            ]
-        return [Call(req.call_id, req.context_id, ndr64, payload)]
+            return self._fault(
+                call_id,
+                context_id,
+                FaultStatus.BAD_STUB_DATA,
+                f"bad {'NDR64' if ndr64 else 'NDR32'} stub: {exc}",
+            )
+        return Call(call_id, context_id, ndr64, payload)
 
     def _refusal(self, req: Request) -> Send | None:
         """The fault for a call this connection cannot execute, if it is one."""

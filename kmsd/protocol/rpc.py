@@ -15,6 +15,9 @@ from uuid import UUID
 
 HEADER = struct.Struct("<BBBBIHHI")  # vers, minor, PTYPE, flags, drep, frag_len, auth_len, call_id
 HEADER_SIZE = HEADER.size
+# The header and what follows it in a request and a response: one unpack or pack per call.
+REQUEST_HEAD = struct.Struct(HEADER.format + "IHH")  # alloc_hint, p_cont_id, opnum
+RESPONSE_HEAD = struct.Struct(HEADER.format + "IHBx")  # alloc_hint, p_cont_id, cancel_count
 DREP_LE = 0x00000010  # little-endian integers, ASCII, IEEE floats
 RPC_VERSION = (5, 0)
 MAX_FRAG = 5840  # the fragment size Windows offers in its binds (and kmsd's default limit)
@@ -266,8 +269,47 @@ class Response:
 
     def encode(self) -> bytes:
         hint = len(self.stub) if self.alloc_hint is None else self.alloc_hint
-        body = struct.pack("<IHBx", hint, self.context_id, self.cancel_count) + self.stub
-        return _header(PType.RESPONSE, self.flags, HEADER_SIZE + len(body), self.call_id) + body
+        return (
+            RESPONSE_HEAD.pack(
+                *RPC_VERSION,
+                PType.RESPONSE,
+                self.flags,
+                DREP_LE,
+                RESPONSE_HEAD.size + len(self.stub),
+                0,
+                self.call_id,
+                hint,
+                self.context_id,
+                self.cancel_count,
+            )
+            + self.stub
+        )
+
+
+_MAJOR, _MINOR = RPC_VERSION
+_RESPONSE = int(PType.RESPONSE)  # a plain int: an enum member costs a class lookup
+_RESPONSE_SIZE = RESPONSE_HEAD.size
+
+
+def response_pdu(call_id: int, context_id: int, stub: bytes) -> bytes:
+    """`Response(call_id, context_id, stub).encode()` without the object: every reply."""
+    n = len(stub)
+    return (
+        RESPONSE_HEAD.pack(
+            _MAJOR,
+            _MINOR,
+            _RESPONSE,
+            WHOLE,
+            DREP_LE,
+            _RESPONSE_SIZE + n,
+            0,
+            call_id,
+            n,
+            context_id,
+            0,
+        )
+        + stub
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -358,8 +400,8 @@ def _parse_bind_ack(h: Header, data: bytes) -> BindAck:
 
 
 def _parse_request(h: Header, data: bytes) -> Request:
-    _need(data, 24, "request")
-    hint, ctx_id, opnum = struct.unpack_from("<IHH", data, 16)
+    _need(data, REQUEST_HEAD.size, "request")
+    *_, hint, ctx_id, opnum = REQUEST_HEAD.unpack_from(data)
     object_uuid = None
     stub_at = 24
     if h.flags & Flags.OBJECT_UUID:
@@ -370,8 +412,8 @@ def _parse_request(h: Header, data: bytes) -> Request:
 
 
 def _parse_response(h: Header, data: bytes) -> Response:
-    _need(data, 24, "response")
-    hint, ctx_id, cancel = struct.unpack_from("<IHB", data, 16)
+    _need(data, RESPONSE_HEAD.size, "response")
+    *_, hint, ctx_id, cancel = RESPONSE_HEAD.unpack_from(data)
     return Response(h.call_id, ctx_id, data[24:], h.flags, hint, cancel)
 
 
