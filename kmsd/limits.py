@@ -72,12 +72,15 @@ class Admission(Generic[C]):
     _most: int = 0  # connections of the address with the most
     _total: int = 0
 
-    def admit(self, address: str, conn: C, now: float) -> tuple[Refusal | None, C | None]:
+    def admit(
+        self, address: str, conn: C, now: float, source_key: str | None = None
+    ) -> tuple[Refusal | None, C | None]:
         """Register `conn`, new from `address`. Returns why it is refused (and None), or
-        None and the connection to close to make room for it (already forgotten here)."""
+        None and the connection to close to make room for it (already forgotten here).
+        `source_key`: the source_of() the address, when the caller has it already."""
         if self.allow and not self.allowed(address):
             return Refusal.NOT_ALLOWED, None
-        address = source_of(address)
+        address = source_of(address) if source_key is None else source_key
         source = self._sources.get(address)
         if source is not None and source.connections >= self.max_per_ip:
             return Refusal.PER_ADDRESS_LIMIT, None

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import socket
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, cast
+from typing import Protocol
 
 import structlog
 
@@ -51,6 +50,7 @@ _activation = logs.Event(
     ),
 )
 
+_INFO = ("debug", "info")  # the levels that log activations
 BACKLOG = 1024  # connections the kernel queues before kmsd accepts them
 DRAIN_SECONDS = 5.0  # how long a stop waits for replies still being committed
 
@@ -100,7 +100,7 @@ class KmsServer:
         self.settings = settings
         self.clock = clock
         self.store = store
-        self._all_closed = asyncio.Event()
+        self.all_closed = asyncio.Event()  # set when the last connection closes
         self.groups = AssociationGroups(settings.groups_seed)
         self.bind_answers = BindAnswers()
         self.admission: Admission[_KmsProtocol] = Admission(
@@ -112,6 +112,8 @@ class KmsServer:
         self.metrics = Metrics(host.products)
         self._servers: list[asyncio.Server] = []
         self.addresses: list[tuple[str, int]] = []
+        # when a new connection's timer first looks at it (_KmsProtocol._check_time)
+        self.first_check = min(settings.idle_timeout, settings.read_timeout)
 
     async def start(self, sockets: Sequence[socket.socket] = (), *, serving: bool = True) -> None:
         """Listen on settings.listen, or, when `sockets` are given, on those bound listening
@@ -170,9 +172,9 @@ class KmsServer:
     async def drained(self, timeout: float = DRAIN_SECONDS) -> None:
         """Wait until every connection is closed (after stop() and the store's last commit)."""
         if self.connections:
-            self._all_closed.clear()
+            self.all_closed.clear()
             try:
-                await asyncio.wait_for(self._all_closed.wait(), timeout)
+                await asyncio.wait_for(self.all_closed.wait(), timeout)
             except TimeoutError:
                 for conn in list(self.connections):
                     conn.transport.abort()
@@ -185,10 +187,6 @@ class KmsServer:
     def serving(self) -> bool:
         """Accepting connections on every listening socket."""
         return bool(self._servers) and all(s.is_serving() for s in self._servers)
-
-    def _closed(self) -> None:
-        if not self.admission.open:
-            self._all_closed.set()
 
 
 def _after(delay: float, committed: Commit | None) -> Commit:
@@ -252,14 +250,16 @@ class _KmsProtocol(asyncio.Protocol):
         self.fresh = True  # nothing received yet (bind_nak rules look at the first PDU)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self.transport = transport  # type: ignore[assignment]  # uvloop's: not a subclass
         server = self.server
         peer = transport.get_extra_info("peername")
-        self.address = peer[0] if peer else "?"
-        self.peer = join_host_port(peer[0], peer[1]) if peer else "?"
+        if peer:
+            address = self.address = peer[0]
+            self.peer = join_host_port(address, peer[1])
         loop = asyncio.get_running_loop()
-        self.source = source_of(self.address)
-        refused, victim = server.admission.admit(self.address, self, loop.time())
+        now = loop.time()
+        source = self.source = source_of(self.address)
+        refused, victim = server.admission.admit(self.address, self, now, source)
         if victim is not None:
             victim.evict()
         if refused is not None:
@@ -279,11 +279,10 @@ class _KmsProtocol(asyncio.Protocol):
             max_pdu=settings.max_pdu,
             answers=server.bind_answers,
         )
-        self.last_seen = loop.time()
-        self.timer = loop.call_later(
-            min(settings.idle_timeout, settings.read_timeout), self._check_time
-        )
-        log.debug("connection opened", client=self.peer)
+        self.last_seen = now
+        self.timer = loop.call_at(now + server.first_check, self._check_time)
+        if logs.current_level() == "debug":  # not even the call when nobody reads it
+            log.debug("connection opened", client=self.peer)
 
     def _check_time(self) -> None:
         """Close a connection that is idle too long, or whose PDU arrives too slowly."""
@@ -316,7 +315,7 @@ class _KmsProtocol(asyncio.Protocol):
             if self.server.rules.binds and self._refuse_bind(data):
                 return
         for event in conn.feed(data):
-            if isinstance(event, Call):
+            if type(event) is Call:
                 if not self.server.admission.requested(self.source, self, now):
                     log.warning("request refused", client=self.peer, reason="rate limit")
                     self.server.metrics.error("fault", "SERVER_TOO_BUSY")
@@ -333,12 +332,15 @@ class _KmsProtocol(asyncio.Protocol):
                     self.server.metrics.error("internal")
                     self.transport.abort()
                     return
-            elif isinstance(event, Send):
+            elif type(event) is Send:
                 if event.problem:
                     log.warning("bad input", client=self.peer, problem=event.problem)
                     self.server.metrics.bad_input(event.refusal)
-                self._send(event.data, None)
-            elif isinstance(event, Close):
+                if self.outbox:
+                    self._send(event.data, None)
+                else:
+                    self.transport.write(event.data)
+            elif type(event) is Close:
                 log.warning("closing connection", client=self.peer, reason=event.reason)
                 self.server.metrics.error("close")
                 self.close_when_flushed()
@@ -450,7 +452,7 @@ class _KmsProtocol(asyncio.Protocol):
             return
         request = activation.request
         protocol = f"{request.major}.{request.minor}"
-        if log.is_enabled_for(logging.INFO):  # not even the fields when nobody reads them
+        if logs.current_level() in _INFO:  # not even the fields when nobody reads them
             more: dict[str, str | int] = {}
             if not activation.known:
                 more["kms_id"] = f"unknown {request.kms_id}"
@@ -633,6 +635,9 @@ class _KmsProtocol(asyncio.Protocol):
             self.timer.cancel()
         if self.conn is not None:
             self.conn.close()
-            self.server.admission.release(self.source, self)
-            self.server._closed()
-            log.debug("connection closed", client=self.peer)
+            admission = self.server.admission
+            admission.release(self.source, self)
+            if not admission.open:
+                self.server.all_closed.set()
+            if logs.current_level() == "debug":
+                log.debug("connection closed", client=self.peer)
