@@ -394,8 +394,9 @@ OPTIONS: tuple[Option, ...] = (
         parse_admin,
         None,
         "serve the admin endpoint (Prometheus /metrics, /healthz, /readyz, JSON API, status "
-        "page) over HTTP on this address, e.g. 127.0.0.1:9688; it has no authentication, so "
-        "keep it on loopback or a management network; default: off",
+        "page) over HTTP on this address, e.g. 127.0.0.1:9688; reading needs no "
+        "authentication, so keep it on loopback or a management network (changes need the "
+        "token of --admin-token-file); default: off",
         "HOST:PORT",
         show=show_listen,
     ),
