@@ -53,6 +53,7 @@ _activation = logs.Event(
 _INFO = ("debug", "info")  # the levels that log activations
 BACKLOG = 1024  # connections the kernel queues before kmsd accepts them
 DRAIN_SECONDS = 5.0  # how long a stop waits for replies still being committed
+MAX_TICK = 1.0  # seconds between two looks at the connections' idle and read deadlines
 
 
 class Durable(Protocol):
@@ -112,8 +113,12 @@ class KmsServer:
         self.metrics = Metrics(host.products)
         self._servers: list[asyncio.Server] = []
         self.addresses: list[tuple[str, int]] = []
-        # when a new connection's timer first looks at it (_KmsProtocol._check_time)
-        self.first_check = min(settings.idle_timeout, settings.read_timeout)
+        # One timer looks at every connection's deadlines (_KmsProtocol.check_time) each
+        # `tick` seconds while any is open, rather than a timer per connection: most live
+        # for one activation, and arming and cancelling a timer cost more than the rest
+        # of their bookkeeping. A connection is closed at most `tick` after its deadline.
+        self.tick = min(settings.idle_timeout, settings.read_timeout, MAX_TICK)
+        self._sweeper: asyncio.TimerHandle | None = None
 
     async def start(self, sockets: Sequence[socket.socket] = (), *, serving: bool = True) -> None:
         """Listen on settings.listen, or, when `sockets` are given, on those bound listening
@@ -183,6 +188,19 @@ class KmsServer:
     def connections(self) -> list[_KmsProtocol]:
         return list(self.admission.connections())
 
+    def watch(self, loop: asyncio.AbstractEventLoop) -> None:
+        """A connection opened: make sure the sweep runs."""
+        if self._sweeper is None:
+            self._sweeper = loop.call_later(self.tick, self._sweep, loop)
+
+    def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
+        now = loop.time()
+        for conn in list(self.admission.connections()):
+            conn.check_time(now)
+        self._sweeper = (
+            loop.call_later(self.tick, self._sweep, loop) if self.admission.open else None
+        )
+
     @property
     def serving(self) -> bool:
         """Accepting connections on every listening socket."""
@@ -241,7 +259,6 @@ class _KmsProtocol(asyncio.Protocol):
         self.source = "?"  # whose share of the connections it counts against
         self.last_seen = 0.0
         self.partial_since: float | None = None  # when the PDU still arriving began
-        self.timer: asyncio.TimerHandle | None = None
         # Replies in order, each with the commit it waits for (None: nothing to wait for),
         # when its request was complete (loop time; 0.0: not a reply to a call) and its
         # journal entry (which learns the reply's latency).
@@ -280,29 +297,25 @@ class _KmsProtocol(asyncio.Protocol):
             answers=server.bind_answers,
         )
         self.last_seen = now
-        self.timer = loop.call_at(now + server.first_check, self._check_time)
+        server.watch(loop)
         if logs.current_level() == "debug":  # not even the call when nobody reads it
             log.debug("connection opened", client=self.peer)
 
-    def _check_time(self) -> None:
+    def check_time(self, now: float) -> None:
         """Close a connection that is idle too long, or whose PDU arrives too slowly."""
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        settings = self.server.settings
-        deadline = self.last_seen + settings.idle_timeout
-        if self.partial_since is not None:
-            deadline = min(deadline, self.partial_since + settings.read_timeout)
-        if now < deadline:
-            self.timer = loop.call_at(deadline, self._check_time)
+        if self.transport.is_closing():  # closed at the last look, or by its peer
             return
+        settings = self.server.settings
         if self.partial_since is not None and now >= self.partial_since + settings.read_timeout:
             log.warning(
                 "closing connection",
                 client=self.peer,
                 reason=f"PDU incomplete after {settings.read_timeout:g} s",
             )
-        else:
+        elif now >= self.last_seen + settings.idle_timeout:
             log.debug("connection idle, closing", client=self.peer)
+        else:
+            return
         self.transport.close()
 
     def data_received(self, data: bytes) -> None:
@@ -631,8 +644,6 @@ class _KmsProtocol(asyncio.Protocol):
         self.transport.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
         if self.conn is not None:
             self.conn.close()
             admission = self.server.admission
