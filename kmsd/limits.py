@@ -37,16 +37,20 @@ class Refusal(StrEnum):
     PER_ADDRESS_LIMIT = "per_address_limit"
 
 
-@dataclass(slots=True)
 class _Source(Generic[C]):
     """The open connections of one address, each oldest first: those that have not sent a
-    request yet (by when they opened), and those that have (by their last request)."""
+    request yet (by when they opened), and those that have (by their last request).
+    (A plain class: one is made per connection from a new address, and a dataclass's
+    default factories cost more than the rest of it.)"""
 
-    unserved: dict[C, None] = field(default_factory=dict)
-    served: dict[C, None] = field(default_factory=dict)
-    connections: int = 0  # len(unserved) + len(served)
-    tokens: float = 0.0
-    refilled: float = 0.0
+    __slots__ = ("connections", "refilled", "served", "tokens", "unserved")
+
+    def __init__(self, tokens: float, refilled: float) -> None:
+        self.unserved: dict[C, None] = {}
+        self.served: dict[C, None] = {}
+        self.connections = 0  # len(unserved) + len(served)
+        self.tokens = tokens
+        self.refilled = refilled
 
 
 @dataclass
@@ -71,6 +75,10 @@ class Admission(Generic[C]):
     _by_count: dict[int, dict[str, None]] = field(default_factory=dict)
     _most: int = 0  # connections of the address with the most
     _total: int = 0
+    _burst: float = field(init=False)  # requests an address may send at once
+
+    def __post_init__(self) -> None:
+        self._burst = max(1.0, 2 * self.rate_per_ip)
 
     def admit(
         self, address: str, conn: C, now: float, source_key: str | None = None
@@ -89,8 +97,7 @@ class Admission(Generic[C]):
             victim = self._victim(address)
             source = self._sources.get(address)  # the victim may have been its last
         if source is None:
-            burst = max(1.0, 2 * self.rate_per_ip)
-            source = self._sources[address] = _Source(tokens=burst, refilled=now)
+            source = self._sources[address] = _Source(self._burst, now)
         source.unserved[conn] = None
         source.connections += 1
         self._counted(address, source.connections - 1, source.connections)
@@ -126,8 +133,7 @@ class Admission(Generic[C]):
             source.served[conn] = None  # to the end
         if not self.rate_per_ip:
             return True
-        burst = max(1.0, 2 * self.rate_per_ip)
-        source.tokens = min(burst, source.tokens + (now - source.refilled) * self.rate_per_ip)
+        source.tokens = min(self._burst, source.tokens + (now - source.refilled) * self.rate_per_ip)
         source.refilled = now
         if source.tokens < 1.0:
             return False
