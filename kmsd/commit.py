@@ -16,29 +16,31 @@ class Commit:
     committed (and flushed, with synchronous "full"), or failed with `exception()`.
 
     Unlike an asyncio.Future, it runs its callbacks at once when it settles, so that
-    replies leave in the same turn of the loop as the commit; it can also be awaited."""
+    replies leave in the same turn of the loop as the commit; it can also be awaited.
+    `settled` and `error` are done() and exception() as attributes, for the reply path
+    (read them, never set them)."""
 
-    __slots__ = ("_callbacks", "_done", "_error")
+    __slots__ = ("_callbacks", "error", "settled")
 
     def __init__(self) -> None:
         self._callbacks: list[Callable[[Commit], object]] = []
-        self._done = False
-        self._error: BaseException | None = None
+        self.settled = False
+        self.error: BaseException | None = None
 
     def done(self) -> bool:
-        return self._done
+        return self.settled
 
     def exception(self) -> BaseException | None:
-        return self._error
+        return self.error
 
     def add_done_callback(self, callback: Callable[[Commit], object]) -> None:
-        if self._done:
+        if self.settled:
             callback(self)
         else:
             self._callbacks.append(callback)
 
     def settle(self, error: BaseException | None = None) -> None:
-        self._done, self._error = True, error
+        self.settled, self.error = True, error
         callbacks, self._callbacks = self._callbacks, []
         for callback in callbacks:
             try:
@@ -51,10 +53,10 @@ class Commit:
 
         def resolve(commit: Commit) -> None:
             if not future.done():
-                if commit._error is None:
+                if commit.error is None:
                     future.set_result(None)
                 else:
-                    future.set_exception(commit._error)
+                    future.set_exception(commit.error)
 
         self.add_done_callback(resolve)
         yield from future

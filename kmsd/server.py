@@ -390,14 +390,14 @@ class _KmsProtocol(asyncio.Protocol):
         while outbox:
             data, committed, started, entry = outbox[0]
             if committed is not None:
-                if not committed.done():
+                if not committed.settled:
                     return
-                if committed.exception() is not None:
+                if committed.error is not None:
                     # Not durable, so not acknowledged: the client will ask again.
                     log.error(
                         "reply dropped, its record could not be committed",
                         client=self.peer,
-                        error=str(committed.exception()),
+                        error=str(committed.error),
                     )
                     outbox.clear()
                     self.transport.abort()

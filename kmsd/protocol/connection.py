@@ -203,7 +203,9 @@ class ServerConnection:
         if (
             not self._buffer
             and HEADER_SIZE <= size <= self._max_pdu
-            and frag_length_of(data) == size
+            # frag_length_of(data) == size, the little-endian case read in place
+            and (data[8] | data[9] << 8 if data[4] & 0xF0 == DREP_LE else frag_length_of(data))
+            == size
         ):
             return self._handle(data)  # the usual case: one whole PDU, not buffered
         events: list[Event] = []
