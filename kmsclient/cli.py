@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any, TextIO
 
 from kmsd import __version__
+from kmsd.cliparser import Parser
 from kmsd.eventloop import CHOICES as LOOPS
 from kmsd.eventloop import run_on_loop, uvloop_installed
 from kmsd.pipe import quiet_on_broken_pipe
@@ -158,7 +159,7 @@ def _common(parser: argparse.ArgumentParser, *, single_client: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="kmsclient",
         description="A KMS client: activates against, verifies and loads KMS hosts.",
         epilog=EPILOG,

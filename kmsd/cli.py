@@ -9,14 +9,13 @@ when that command runs.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import sys
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from . import __version__, config, logs
+from .cliparser import Parser
 from .pipe import quiet_on_broken_pipe
 
 
@@ -58,31 +57,8 @@ def _command_list() -> str:
     return "\n".join(f"  {name:{width}}  {c.summary}" for name, c in COMMANDS.items())
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """argparse's formatter, given the terminal's width: argparse imports shutil (and with it
-    bz2 and lzma, ~0.9 MiB a running daemon would keep) only to ask for it."""
-
-    def __init__(
-        self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
-        width: int | None = None,
-    ) -> None:  # fmt: skip
-        super().__init__(prog, indent_increment, max_help_position, width or _columns() - 2)
-
-
-def _columns() -> int:
-    """The terminal's width as shutil.get_terminal_size finds it: $COLUMNS, the terminal of
-    standard output, else 80."""
-    with contextlib.suppress(ValueError):
-        if (columns := int(os.environ.get("COLUMNS", "0"))) > 0:
-            return columns
-    try:
-        return os.get_terminal_size(sys.__stdout__.fileno()).columns or 80  # type: ignore[union-attr]
-    except (AttributeError, ValueError, OSError):  # no standard output, or not a terminal
-        return 80
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="kmsd",
         usage="kmsd [OPTION ...] | kmsd COMMAND [ARGUMENT ...]",
         description="A KMS (Windows Key Management Service) host emulator for labs and tests. "
@@ -93,7 +69,6 @@ def build_parser() -> argparse.ArgumentParser:
         "then the file. A list option is repeated on the command line, an array in the "
         "file and comma-separated in its variable.",
         epilog=f"commands (each has --help):\n{_command_list()}",
-        formatter_class=_HelpFormatter,
     )
     p.add_argument("--version", action="version", version=f"kmsd {__version__}")
     config.add_options(p)
@@ -102,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _options(names: Collection[str] | None) -> argparse.ArgumentParser:
     """A parent parser with the kmsd options a command takes."""
-    parent = argparse.ArgumentParser(add_help=False)
+    parent = Parser(add_help=False)
     config.add_options(parent, names)
     return parent
 
@@ -158,9 +133,7 @@ def command_parser(name: str) -> argparse.ArgumentParser:
 
         return journalcmd.build_parser(parents)
     if name in DESCRIPTIONS:
-        return argparse.ArgumentParser(
-            prog=f"kmsd {name}", description=DESCRIPTIONS[name], parents=parents
-        )
+        return Parser(prog=f"kmsd {name}", description=DESCRIPTIONS[name], parents=parents)
     from . import tablecmd
 
     return tablecmd.build_parser(name, parents)

@@ -12,6 +12,7 @@ from typing import Any, TextIO
 from urllib.parse import urlencode
 
 from .addresses import join_host_port
+from .cliparser import Parser
 from .tablecmd import print_table
 
 FILTERS = ("client", "cmid", "workstation", "product", "answer", "rule")
@@ -21,7 +22,7 @@ POLL = 1.0  # seconds between reads with --follow
 
 def build_parser(parents: Sequence[argparse.ArgumentParser]) -> argparse.ArgumentParser:
     """`parents`: kmsd's --admin option (with --config): where the daemon's endpoint is."""
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="kmsd journal",
         description="Print the exchanges a running kmsd answered (its request journal), "
         "read from its admin endpoint (/api/journal), oldest first. The endpoint is the one "

@@ -17,6 +17,7 @@ from dataclasses import asdict
 from typing import Any, TextIO
 from uuid import UUID
 
+from .cliparser import Parser
 from .host import HostPolicy
 from .store import (
     FORGET,
@@ -82,7 +83,7 @@ def build_parser(
 ) -> argparse.ArgumentParser:
     """The command line of one table command; `parents`: the kmsd options it takes (the
     database and the record lifetime, read as the daemon reads them)."""
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog=f"kmsd {command}",
         description=f"{HELP[command][0].upper()}{HELP[command][1:]}. Safe while kmsd runs: "
         "reads see every acknowledged activation, and changes go through the daemon.",

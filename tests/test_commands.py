@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 from kmsclient.session import KmsConnection
@@ -137,3 +139,30 @@ def test_list_variables_are_comma_separated_and_a_malformed_one_refused() -> Non
     spaced = run_kmsd("check-config", env={**os.environ, "KMSD_LISTEN": "a b:1"}).stderr
     assert "is neither an IP address nor a host name (a list is comma-separated here)" in spaced
     assert "[KMSD_LISTEN, comma-separated]" in " ".join(run_kmsd("--help").stdout.split())
+
+
+def test_a_mistyped_option_is_two_lines_with_the_closest() -> None:
+    for argv, first in (
+        (["--lisen", "127.0.0.1:1"], "kmsd: error: unrecognized arguments: --lisen "),
+        (["clients", "--dbb", "x"], "kmsd clients: error: unrecognized arguments: --dbb x"),
+        (["check-config", "--rule", "delay=301"], "kmsd check-config: error: argument --rule"),
+    ):
+        done = run_kmsd(*argv)
+        assert done.returncode == 2
+        lines = done.stderr.splitlines()
+        assert len(lines) == 2 and lines[0].startswith(first), done.stderr
+        assert "usage:" not in done.stderr
+    assert run_kmsd("--lisen", "x").stderr.splitlines()[0].endswith("; did you mean --listen?")
+
+
+def test_the_daemon_does_not_import_what_only_mistakes_and_files_need() -> None:
+    """argparse's terminal width (shutil, bz2, lzma), difflib and tomllib: ~1.6 MiB that a
+    daemon started without a configuration file would keep for nothing."""
+    code = (
+        "import sys\nfrom kmsd.cli import build_parser\nbuild_parser().format_help()\n"
+        "print(sorted({'shutil', 'bz2', 'lzma', 'difflib', 'tomllib'} & set(sys.modules)))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.strip() == "[]"

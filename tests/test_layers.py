@@ -18,6 +18,7 @@ CLIENT_MAY_USE = {
     "kmsd.pipe": "both commands end quietly when their reader goes away",
     "kmsd.text": "one escaping of client-chosen strings in every text output",
     "kmsd.clock": "the lab clock file that kmsd --clock-file reads",
+    "kmsd.cliparser": "one argument parser: errors and help alike on both command lines",
 }
 # The in-process fleet runs real hosts in the simulator's own process.
 FLEET = "kmsclient.sim.fleet"

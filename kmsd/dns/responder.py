@@ -24,6 +24,7 @@ from dnslib.label import DNSLabelError
 
 from .. import logs
 from ..addresses import join_host_port, parse_bind_address, split_host_port
+from ..cliparser import Parser
 from ..protocol.constants import DNS_PORT, KMS_PORT, SRV_SERVICE
 
 log = structlog.get_logger("kmsd")
@@ -261,7 +262,7 @@ class Responder:
 
 def build_parser(parents: Sequence[argparse.ArgumentParser] = ()) -> argparse.ArgumentParser:
     """`kmsd dns-serve`'s command line; `parents`: the kmsd options it takes (logging)."""
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="kmsd dns-serve",
         description="An authoritative DNS responder for one zone that advertises KMS hosts "
         "(_vlmcs._tcp SRV records and the hosts' A/AAAA), over UDP and TCP, for labs "
