@@ -46,6 +46,7 @@ def make_host(settings: config.HostSettings, store: SqliteStore) -> KmsHost:
         store.save_identity(hwid, identity.epids)
     identity.hwid = settings.hwid or hwid
     identity.overrides = dict(settings.epids)
+    store.save_override(settings.policy.fixed_count, settings.policy.precharge)
     return KmsHost(store, identity, settings.policy, database=db)
 
 
@@ -119,7 +120,7 @@ async def serve(
     reloader = None
     if effective is not None:
         reloader = reload.Reloader(
-            cli or {}, effective, settings, host, publications, server=server
+            cli or {}, effective, settings, host, publications, server=server, store=store
         )
         loop.add_signal_handler(signal.SIGHUP, reloader.request)
     if not crypto.ACCELERATED_AVAILABLE:

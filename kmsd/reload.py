@@ -20,6 +20,7 @@ from .host import KmsHost
 if TYPE_CHECKING:
     from .dns.targets import Publications
     from .server import KmsServer
+    from .store import SqliteStore
 
 log = structlog.get_logger("kmsd")
 
@@ -56,9 +57,12 @@ class Reloader:
         environ: Mapping[str, str] = os.environ,
         notify: Callable[[str], object] = systemd.notify,
         server: KmsServer | None = None,
+        store: SqliteStore | None = None,
     ) -> None:
-        """`server`: whose behaviour rules the configuration's [[rule]] tables replace."""
+        """`server`: whose behaviour rules the configuration's [[rule]] tables replace;
+        `store`: where the lab override in force is recorded for `kmsd stats`."""
         self.server = server
+        self.store = store
         self.cli = dict(cli)
         self.effective = effective  # what runs now, as written
         self.settings = settings  # what runs now, typed
@@ -161,6 +165,8 @@ class Reloader:
         old = self.settings
         if new.host.policy != old.host.policy:
             self.host.policy = new.host.policy
+            if self.store is not None:
+                self.store.save_override(new.host.policy.fixed_count, new.host.policy.precharge)
         if new.host.epids != old.host.epids:
             self.host.identity.overrides = dict(new.host.epids)
         if self.server is not None and new.host.rules != old.host.rules:

@@ -100,6 +100,7 @@ MIGRATIONS: dict[int, str] = {
         WHERE c.recorded_at IS NOT NULL AND c.seq > coalesce(a.low_seq, 0);
     """,
 }
+OVERRIDE_KEYS = ("fixed_count", "precharge")  # in meta: the daemon's lab override
 OUR_TABLES = {"meta", "epids", "apps", "clients", "commands", "sqlite_sequence"}
 POLL_SECONDS = 0.25  # how often the loop looks for admin commands, checkpoints, the file
 CHECKPOINT_BUSY = 1.0  # seconds a truncating checkpoint waits for readers to move on
@@ -398,6 +399,22 @@ class SqliteStore:
             self.db.executemany(
                 "INSERT OR REPLACE INTO epids (csvlk, epid) VALUES (?, ?)", epids.items()
             )
+
+    def save_override(self, fixed_count: int | None, precharge: int) -> None:
+        """Record the lab override the daemon answers with (at start and at each reload), so
+        that `kmsd stats` in another process shows the count clients are told even when the
+        override was given on the daemon's command line only."""
+        if self.path == MEMORY:
+            return
+        values = {OVERRIDE_KEYS[0]: "" if fixed_count is None else str(fixed_count),
+                  OVERRIDE_KEYS[1]: str(precharge)}  # fmt: skip
+        try:
+            with self._transaction():
+                self.db.executemany(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", values.items()
+                )
+        except sqlite3.Error as exc:
+            log.error("cannot record the lab override for kmsd stats", error=str(exc))
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
@@ -1094,6 +1111,16 @@ def read_clients(
             )
         )
     return out
+
+
+def read_override(db: sqlite3.Connection) -> tuple[int | None, int] | None:
+    """(fixed count, precharge) the daemon last answered with (SqliteStore.save_override);
+    None when no daemon of this version has opened the database."""
+    rows = dict(db.execute("SELECT key, value FROM meta WHERE key IN (?, ?)", OVERRIDE_KEYS))
+    if len(rows) != len(OVERRIDE_KEYS):
+        return None
+    fixed, precharge = (rows[key] for key in OVERRIDE_KEYS)
+    return (int(fixed) if fixed else None), int(precharge)
 
 
 def read_stats(db: sqlite3.Connection, now: float, lifetime: float) -> list[AppStats]:

@@ -13,7 +13,7 @@ import json
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any, TextIO
 from uuid import UUID
 
@@ -29,6 +29,7 @@ from .store import (
     change,
     connect,
     read_clients,
+    read_override,
     read_stats,
     resolve_app,
 )
@@ -150,6 +151,9 @@ def _run(
                 emit(clients, header, cells, args.json, out)
             else:
                 counted = read_stats(db, now, lifetime)
+                if (recorded := read_override(db)) is not None:  # what the daemon answers with
+                    fixed_count, precharge = recorded
+                    policy = replace(policy, fixed_count=fixed_count, precharge=precharge)
                 stats = as_reported(counted, policy.reported, policy.override)
                 header = ["APPLICATION", "COUNT", "COUNTED", "CAPACITY", "THRESHOLDS"]
                 cells = [

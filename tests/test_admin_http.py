@@ -39,6 +39,7 @@ from tests.cdp import Browser
 from tests.conftest import (
     LOOPBACK,
     KmsdProcess,
+    run_kmsd,
     server_settings,
     start_kmsd,
     stop_kmsd,
@@ -345,6 +346,31 @@ async def test_kmsd_stats_shows_what_the_daemon_tells_clients(tmp_path: Path) ->
             capture_output=True, text=True, timeout=30, check=True,
         ).stdout  # fmt: skip
         assert "lab override precharge 24: COUNT is what clients are told" in text
+    finally:
+        assert stop_kmsd(kmsd) == 0
+
+
+async def test_kmsd_stats_knows_an_override_given_on_the_daemons_command_line(
+    tmp_path: Path,
+) -> None:
+    """An override given only to the daemon (no file, no variable): the daemon records it in
+    the database, so `kmsd stats` in another process still prints what clients are told;
+    a later start without it takes it back."""
+    assert WIN
+    path = str(tmp_path / "kmsd.db")
+    kmsd = start_kmsd("--admin", f"{LOOPBACK}:0", "--precharge", "24", db=path)
+    try:
+        assert await activate(kmsd, base_request(WIN)) == 25
+        status, _, body = await http(admin_address(kmsd), "/api/stats")
+        assert status == 200 and body.decode() == cli_json("stats", "--db", path)
+        assert "lab override precharge 24" in run_kmsd("stats", "--db", path).stdout
+    finally:
+        assert stop_kmsd(kmsd) == 0
+    kmsd = start_kmsd(db=path)  # the real count again
+    try:
+        (row,) = json.loads(cli_json("stats", "--db", path))
+        assert (row["count"], row["counted"], row["override"]) == (1, 1, None)
+        assert "lab override" not in run_kmsd("stats", "--db", path).stdout
     finally:
         assert stop_kmsd(kmsd) == 0
 

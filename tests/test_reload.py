@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import os
 import pwd
 import shutil
@@ -25,7 +26,7 @@ from kmsd.protocol.client import base_request
 from kmsd.protocol.kms import BaseResponse
 from kmsd.protocol.products import products
 from kmsd.reload import Reloader
-from tests.conftest import LOOPBACK, KmsdProcess, make_host, start_kmsd, stop_kmsd
+from tests.conftest import LOOPBACK, KmsdProcess, make_host, run_kmsd, start_kmsd, stop_kmsd
 
 WIN = products().sku_by_name("Windows 10/11 Enterprise")
 TIMEOUT = 10.0
@@ -93,6 +94,29 @@ async def test_sighup_applies_the_new_file(tmp_path: Path) -> None:
     finally:
         assert stop_kmsd(kmsd) == 0
     assert len([e for e in kmsd.log if e.get("event") == "changed options need a restart"]) == 1
+
+
+async def test_kmsd_stats_follows_an_override_changed_by_a_reload(tmp_path: Path) -> None:
+    """`kmsd stats` run without the daemon's file reads the override the daemon recorded;
+    a reload that changes it records the new one."""
+    file, db = tmp_path / "kmsd.toml", str(tmp_path / "kmsd.db")
+    file.write_text("[table]\nprecharge = 10\n")
+    kmsd = start_kmsd("--config", str(file), db=db)
+    try:
+        assert (await activate(kmsd)).count == 11
+
+        def override() -> object:
+            (row,) = json.loads(run_kmsd("stats", "--db", db, "--json").stdout)
+            return row["override"]
+
+        assert override() == "precharge 10"
+        file.write_text("[table]\nfixed_count = 50\n")
+        reload(kmsd)
+        kmsd.read_log_until("configuration reloaded")
+        assert (await activate(kmsd)).count == 50
+        assert override() == "fixed count 50"
+    finally:
+        assert stop_kmsd(kmsd) == 0
 
 
 def test_reloader_applies_epids_strict_and_skew_in_process(tmp_path: Path) -> None:
