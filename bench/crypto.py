@@ -148,13 +148,13 @@ def codec_figures(seconds: float, repeat: int) -> dict[str, Any]:
             is_vm=0,
             license_status=2,
             binding_expiration=43200,
-            application_id=uuid.UUID(int=1),
-            sku_id=uuid.UUID(int=2),
-            kms_id=uuid.UUID(int=3),
-            client_machine_id=uuid.UUID(int=4),
+            application_id=uuid.UUID(int=1).bytes_le,
+            sku_id=uuid.UUID(int=2).bytes_le,
+            kms_id=uuid.UUID(int=3).bytes_le,
+            client_machine_id=uuid.UUID(int=4).bytes_le,
             required_count=25,
             request_time=REQUEST_TIME,
-            previous_client_machine_id=uuid.UUID(int=0),
+            previous_client_machine_id=uuid.UUID(int=0).bytes_le,
             workstation="bench.example",
         )
         message = kms.encode_request(base, iv=IV)

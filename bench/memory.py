@@ -53,11 +53,11 @@ async def drive(port: int, pid: int, args: argparse.Namespace) -> None:
         base = base_request(sku, major=args.protocol, client_machine_id=uuid.uuid4())
         base = dataclasses.replace(
             base,
-            sku_id=uuid.UUID(int=rng.getrandbits(128)),
-            kms_id=uuid.UUID(int=rng.getrandbits(128)),
+            sku_id=rng.randbytes(16),
+            kms_id=rng.randbytes(16),
         )
         if args.random_app:
-            base = dataclasses.replace(base, application_id=uuid.UUID(int=rng.getrandbits(128)))
+            base = dataclasses.replace(base, application_id=rng.randbytes(16))
         return base
 
     async def client(until: int) -> None:

@@ -8,6 +8,7 @@ cause (`EXPECTED`); anything else is a bug. The same functions run under atheris
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import random
 import tempfile
@@ -101,7 +102,7 @@ def kms_response(data: bytes) -> None:
         return
     base = BaseRequest.decode(data[:236].ljust(236, b"\0"))
     for major in (4, 5, 6):
-        request = BaseRequest(**{**{f: getattr(base, f) for f in base.__slots__}, "major": major})
+        request = dataclasses.replace(base, major=major)
         with contextlib.suppress(NotGenuine):
             decode_response(request, data[236:252], data[252:])
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 from kmsd.protocol.checks import Verified, verify_reply
 from kmsd.protocol.client import BindOptions, PreparedRequest
 from kmsd.protocol.errors import HResult
-from kmsd.protocol.kms import BaseRequest
+from kmsd.protocol.kms import BaseRequest, product_uuid
 from kmsd.protocol.products import products
 
 from .outcome import Failure, Status, classify
@@ -168,8 +168,8 @@ def explain(failure: Failure, base: BaseRequest) -> Failure:
     """A KMS ID refusal of a product that no KMS host serves says which product and why."""
     if failure.hresult != HResult.KMS_ID_MISMATCH:
         return failure
-    item = products().kms_items.get(base.kms_id)
-    sku = products().skus.get(base.sku_id)
+    item = products().kms_items.get(product_uuid(base.kms_id))
+    sku = products().skus.get(product_uuid(base.sku_id))
     if item is None or sku is None or not (item.retail or item.preview):
         return failure
     kind = "a retail" if item.retail else "a preview"

@@ -7,6 +7,7 @@ from typing import Any
 
 from kmsd.protocol.constants import unix_time
 from kmsd.protocol.epid import Epid
+from kmsd.protocol.kms import guid_text, product_uuid
 from kmsd.protocol.products import products
 from kmsd.text import inert
 
@@ -69,15 +70,19 @@ def to_json(result: Result) -> dict[str, Any]:
         "exit_status": int(result.status),
         "host": str(result.target),
         "product": {
-            "name": db.product_name(base.sku_id, base.kms_id, base.application_id),
-            "sku_id": str(base.sku_id),
-            "kms_id": str(base.kms_id),
-            "application_id": str(base.application_id),
+            "name": db.product_name(
+                product_uuid(base.sku_id),
+                product_uuid(base.kms_id),
+                product_uuid(base.application_id),
+            ),
+            "sku_id": guid_text(base.sku_id),
+            "kms_id": guid_text(base.kms_id),
+            "application_id": guid_text(base.application_id),
         },
         "request": {
             "protocol": f"{base.major}.{base.minor}",
-            "client_machine_id": str(base.client_machine_id),
-            "previous_client_machine_id": str(base.previous_client_machine_id),
+            "client_machine_id": base.cmid_text,
+            "previous_client_machine_id": guid_text(base.previous_client_machine_id),
             "workstation": base.workstation,
             "required_count": base.required_count,
             "request_time": iso_time(base.request_time),
@@ -106,14 +111,14 @@ def to_text(result: Result) -> str:
     base = result.request.base
     rows = [
         ("Host", data["host"]),
-        ("Product", f"{data['product']['name']} (SKU {base.sku_id})"),
+        ("Product", f"{data['product']['name']} (SKU {guid_text(base.sku_id)})"),
         (
             "Protocol",
             f"V{base.major}"
             + (f", {data['rpc']['ndr']}" if result.ndr64 is not None else "")
             + (f" on context {result.context_id}" if result.context_id is not None else ""),
         ),
-        ("Client machine ID", str(base.client_machine_id)),
+        ("Client machine ID", base.cmid_text),
     ]
     response = data["response"]
     if result.status == Status.ACTIVATED:

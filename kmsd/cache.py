@@ -3,6 +3,9 @@
 One table per KMS application, cumulative across client and server editions. A record
 lives 30 days; a renewal replaces it; the table holds 2 x the highest threshold it has
 seen and never shrinks; when full, the oldest record goes. Time is passed in.
+
+Applications and clients are GUIDs as a request sends them (16 bytes, wire order): a
+lookup hashes bytes, whose hash Python keeps, where a UUID's runs Python code each time.
 """
 
 from __future__ import annotations
@@ -31,11 +34,11 @@ class CountStore(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class TableView:
-    """A copy of one table at one moment: its capacity and its records (client ID, time
-    recorded), oldest first."""
+    """A copy of one table at one moment: its capacity and its records (client ID as
+    sent, time recorded), oldest first."""
 
     capacity: int
-    records: tuple[tuple[UUID, float], ...]
+    records: tuple[tuple[bytes, float], ...]
     lifetime: float
 
     def count(self, now: float) -> int:
@@ -61,7 +64,7 @@ class ClientTable:
         self.lifetime = lifetime
         self.fixed_capacity = fixed_capacity
         self._capacity = fixed_capacity or capacity
-        self._records: OrderedDict[UUID, float] = OrderedDict()
+        self._records: OrderedDict[bytes, float] = OrderedDict()
 
     @property
     def capacity(self) -> int:
@@ -77,13 +80,13 @@ class ClientTable:
     def snapshot(self) -> TableView:
         return TableView(self._capacity, tuple(self._records.items()), self.lifetime)
 
-    def restore(self, capacity: int, records: Iterable[tuple[UUID, float]]) -> None:
+    def restore(self, capacity: int, records: Iterable[tuple[bytes, float]]) -> None:
         """Load what a store kept (records in any order)."""
         self._capacity = self.fixed_capacity or capacity
         self._records.update(records)
         self.sort()
 
-    def forget(self, client: UUID) -> bool:
+    def forget(self, client: bytes) -> bool:
         """Take one client out of the table; False if it was not in it."""
         return self._records.pop(client, None) is not None
 
@@ -95,7 +98,7 @@ class ClientTable:
         self._capacity = self.fixed_capacity or 0
         return removed
 
-    def expire(self, now: float, dropped: list[UUID] | None = None) -> None:
+    def expire(self, now: float, dropped: list[bytes] | None = None) -> None:
         records = self._records
         cutoff = now - self.lifetime
         while records:
@@ -107,7 +110,7 @@ class ClientTable:
                 dropped.append(oldest)
 
     def record(
-        self, client: UUID, required: int, now: float, dropped: list[UUID] | None = None
+        self, client: bytes, required: int, now: float, dropped: list[bytes] | None = None
     ) -> int:
         """Record a request; returns the count. Records that leave go into `dropped`."""
         if self.fixed_capacity is None:
@@ -148,14 +151,14 @@ class MemoryCounter:
     ) -> None:
         """`known` applications always keep their table; unknown ones (which anyone can
         invent) share `max_tables` slots, least recently used first out."""
-        self.known = known
+        self.known = frozenset(app.bytes_le for app in known)
         self.lifetime = lifetime
         self.max_tables = max_tables
         self.fixed_capacity = fixed_capacity
-        self._tables: dict[UUID, ClientTable] = {}
-        self._unknown: OrderedDict[UUID, None] = OrderedDict()
+        self._tables: dict[bytes, ClientTable] = {}
+        self._unknown: OrderedDict[bytes, None] = OrderedDict()
 
-    def table(self, application: UUID, dropped_tables: list[UUID] | None = None) -> ClientTable:
+    def table(self, application: bytes, dropped_tables: list[bytes] | None = None) -> ClientTable:
         """The table of an application, made when first asked for; an unknown application
         beyond `max_tables` pushes the stalest one out (into `dropped_tables`)."""
         table = self._tables.get(application)
@@ -174,14 +177,15 @@ class MemoryCounter:
         return table
 
     def snapshot(self) -> dict[UUID, TableView]:
-        """A copy of every table, by application."""
-        return {app: table.snapshot() for app, table in self._tables.items()}
+        """A copy of every table, by application (as a UUID: for readers, who look it up
+        in the product database)."""
+        return {UUID(bytes_le=app): table.snapshot() for app, table in self._tables.items()}
 
-    def forget(self, client: UUID) -> list[UUID]:
+    def forget(self, client: bytes) -> list[bytes]:
         """Take one client out of every table; returns the applications it was counted in."""
         return [app for app, table in self._tables.items() if table.forget(client)]
 
-    def reset(self, application: UUID | None = None) -> int:
+    def reset(self, application: bytes | None = None) -> int:
         """Empty the table of one application (None: of all) and start its capacity
         afresh; returns the records removed."""
         if application is None:
@@ -191,11 +195,11 @@ class MemoryCounter:
 
     def record(
         self,
-        application: UUID,
-        client: UUID,
+        application: bytes,
+        client: bytes,
         required: int,
         now: float,
-        dropped: list[UUID] | None = None,
+        dropped: list[bytes] | None = None,
     ) -> int:
         return self.table(application).record(client, required, now, dropped)
 

@@ -14,7 +14,15 @@ from .protocol.constants import DEFAULT_ACTIVATION_INTERVAL, DEFAULT_RENEWAL_INT
 from .protocol.crypto import RandomPool, RandomSource
 from .protocol.epid import generate_epid
 from .protocol.errors import HResult, KmsError
-from .protocol.kms import BaseRequest, BaseResponse, KmsRequest, decode_request, encode_response
+from .protocol.kms import (
+    BaseRequest,
+    BaseResponse,
+    KmsRequest,
+    decode_request,
+    encode_response,
+    guid_text,
+    product_uuid,
+)
 from .protocol.products import ProductDatabase, products
 from .rules import KMS_TAMPER_CHECKS, Response
 from .tamper import tampered_response
@@ -71,6 +79,7 @@ class _Product:
     application: str
     known: bool  # the KMS ID is in the database
     csvlk: str  # the host key family that answers it
+    kms_id: UUID  # what the identity's ePID overrides are keyed by
 
 
 _MAX_PRODUCTS = 4096  # triples remembered; a peer sending random IDs only refills the memo
@@ -117,12 +126,15 @@ class KmsHost:
 
     def _describe(self, base: BaseRequest) -> _Product:
         db = self.products
-        app = db.applications.get(base.application_id)
+        application = product_uuid(base.application_id)
+        kms_id = product_uuid(base.kms_id)
+        app = db.applications.get(application)
         return _Product(
-            db.product_name(base.sku_id, base.kms_id, base.application_id),
-            app.name if app else str(base.application_id),
-            base.kms_id in db.kms_items,
-            db.csvlk_for(base.application_id, base.kms_id).key,
+            db.product_name(product_uuid(base.sku_id), kms_id, application),
+            app.name if app else str(application),
+            kms_id in db.kms_items,
+            db.csvlk_for(application, kms_id).key,
+            kms_id,
         )
 
     def _product(self, request: KmsRequest) -> _Product:
@@ -149,16 +161,16 @@ class KmsHost:
                 f"request time {unix_time(base.request_time) - now:+.0f} s off",
             )
         if self.policy.strict:
-            item = self.products.kms_items.get(base.kms_id)
+            item = self.products.kms_items.get(product_uuid(base.kms_id))
             if item is None:
-                raise KmsError(HResult.KMS_ID_MISMATCH, f"unknown KMS ID {base.kms_id}")
+                raise KmsError(HResult.KMS_ID_MISMATCH, f"unknown KMS ID {guid_text(base.kms_id)}")
             if item.retail or item.preview:
                 kind = "retail" if item.retail else "preview"
                 raise KmsError(HResult.KMS_ID_MISMATCH, f"{item.name} is a {kind} product")
-            if item.application.id != base.application_id:
+            if item.application.id != product_uuid(base.application_id):
                 raise KmsError(
                     HResult.KMS_ID_MISMATCH,
-                    f"{item.name} sent with application {base.application_id}",
+                    f"{item.name} sent with application {guid_text(base.application_id)}",
                 )
 
     def count(self, base: BaseRequest, now: float, address: str = "") -> int:
@@ -190,7 +202,7 @@ class KmsHost:
             raise
         product = self._product(request)
         overrides = self.identity.overrides
-        epid = overrides.get(base.kms_id) if overrides else None
+        epid = overrides.get(product.kms_id) if overrides else None
         if epid is None:
             epid = self.identity.epids[product.csvlk]
         policy = self.policy

@@ -12,13 +12,13 @@ import fnmatch
 import ipaddress
 import itertools
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
 
 from .protocol.constants import unix_time
 from .protocol.errors import FaultStatus, HResult
-from .protocol.kms import BaseRequest
+from .protocol.kms import BaseRequest, guid_text, product_uuid
 from .protocol.products import products
 from .protocol.rpc import NakReason
 
@@ -95,19 +95,22 @@ class Entry:
         base = self.request
         if base is None:
             return None
-        return products().product_name(base.sku_id, base.kms_id, base.application_id)
+        return products().product_name(
+            product_uuid(base.sku_id), product_uuid(base.kms_id), product_uuid(base.application_id)
+        )
 
     @property
     def application(self) -> str | None:
         base = self.request
         if base is None:
             return None
-        app = products().applications.get(base.application_id)
-        return app.name if app else str(base.application_id)
+        app = products().applications.get(product_uuid(base.application_id))
+        return app.name if app else guid_text(base.application_id)
 
     @property
     def client_machine_id(self) -> UUID | None:
-        return None if self.request is None else self.request.client_machine_id
+        base = self.request
+        return None if base is None else UUID(bytes_le=base.client_machine_id)
 
     @property
     def workstation(self) -> str | None:
@@ -127,17 +130,17 @@ class Entry:
         }
         base = self.request
         if base is not None:
-            item = products().kms_items.get(base.kms_id)
+            item = products().kms_items.get(product_uuid(base.kms_id))
             out["request"] = {
                 "protocol": f"{base.major}.{base.minor}",
                 "application": self.application,
-                "application_id": str(base.application_id),
+                "application_id": guid_text(base.application_id),
                 "product": self.product,
-                "sku_id": str(base.sku_id),
-                "kms_id": str(base.kms_id),
+                "sku_id": guid_text(base.sku_id),
+                "kms_id": guid_text(base.kms_id),
                 "kms_group": item.name if item else None,
-                "client_machine_id": str(base.client_machine_id),
-                "previous_client_machine_id": str(base.previous_client_machine_id),
+                "client_machine_id": base.cmid_text,
+                "previous_client_machine_id": guid_text(base.previous_client_machine_id),
                 "workstation": base.workstation,
                 "vm": bool(base.is_vm),
                 "license_status": base.license_status,
@@ -183,6 +186,12 @@ class Filter:
     answer: str | None = None  # count, hresult, fault, bind_nak, close
     rule: str | None = None
     limit: int | None = None  # at most this many, the oldest first
+    _cmid: bytes | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # compared with each entry's client machine ID as sent
+        if self.cmid is not None:
+            object.__setattr__(self, "_cmid", self.cmid.bytes_le)
 
     def keeps(self, entry: Entry) -> bool:
         if entry.seq <= self.since:
@@ -198,7 +207,9 @@ class Filter:
                     return False
             except ValueError:
                 return False
-        if self.cmid is not None and entry.client_machine_id != self.cmid:
+        if self._cmid is not None and (
+            entry.request is None or entry.request.client_machine_id != self._cmid
+        ):
             return False
         if self.workstation is not None:
             name = entry.workstation

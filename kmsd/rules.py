@@ -103,10 +103,12 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 @dataclass(frozen=True, slots=True)
 class Match:
-    application: UUID | None = None
-    kms_id: UUID | None = None
-    sku: UUID | None = None
-    cmid: UUID | None = None
+    """What a request must hold; GUIDs as a request sends them (UUID.bytes_le)."""
+
+    application: bytes | None = None
+    kms_id: bytes | None = None
+    sku: bytes | None = None
+    cmid: bytes | None = None
     workstation: str | None = None  # casefolded glob
     protocols: frozenset[int] | None = None
     client: Network | None = None
@@ -275,18 +277,18 @@ def parse_rule(spec: Mapping[str, Any], origin: str = "python") -> Rule:
     match: dict[str, Any] = {}
     if "application" in spec:
         text = canon.setdefault("application", _text(spec, "application"))
-        match["application"] = _named("application", text, products().find_application)
+        match["application"] = _named("application", text, products().find_application).bytes_le
     if "kms_id" in spec:
         text = canon.setdefault("kms_id", _text(spec, "kms_id"))
-        match["kms_id"] = _named("kms_id", text, products().find_kms_item)
+        match["kms_id"] = _named("kms_id", text, products().find_kms_item).bytes_le
     if "product" in spec:
         text = canon.setdefault("product", _text(spec, "product"))
-        match["sku"] = _named("product", text, products().find_sku)
+        match["sku"] = _named("product", text, products().find_sku).bytes_le
     if "cmid" in spec:
         cmid = _guid(_text(spec, "cmid"))
         if cmid is None:
             raise RuleError(f"cmid: {spec['cmid']!r} is not a GUID")
-        match["cmid"] = cmid
+        match["cmid"] = cmid.bytes_le
         canon["cmid"] = str(cmid)
     if "workstation" in spec:
         canon["workstation"] = _text(spec, "workstation")

@@ -29,7 +29,7 @@ from .protocol.connection import (
     ServerConnection,
 )
 from .protocol.errors import FaultStatus, KmsError
-from .protocol.kms import BaseRequest
+from .protocol.kms import BaseRequest, guid_text
 from .protocol.rpc import BindNak, Fault
 from .rules import Rule, RuleSet
 
@@ -439,7 +439,7 @@ class _KmsProtocol(asyncio.Protocol):
             if asked is not None:  # decoded: keep what the request named
                 application, product = self.server.host.names(asked)
                 named = {
-                    "cmid": str(asked.client_machine_id),
+                    "cmid": asked.cmid_text,
                     "workstation": asked.workstation,
                     "application": application,
                     "product": product,
@@ -468,7 +468,7 @@ class _KmsProtocol(asyncio.Protocol):
         if logs.current_level() in _INFO:  # not even the fields when nobody reads them
             more: dict[str, str | int] = {}
             if not activation.known:
-                more["kms_id"] = f"unknown {request.kms_id}"
+                more["kms_id"] = f"unknown {guid_text(request.kms_id)}"
             if activation.count < request.required_count:
                 more["below_threshold"] = (
                     f"count {activation.count} of {request.required_count}: not activated "
@@ -479,7 +479,7 @@ class _KmsProtocol(asyncio.Protocol):
                 more["rule"] = rule.name
             _activation(
                 self.peer,
-                str(request.client_machine_id),
+                request.cmid_text,
                 request.workstation,
                 activation.application,
                 activation.product,

@@ -38,7 +38,7 @@ import structlog
 
 from .cache import MemoryCounter
 from .commit import Commit
-from .protocol.kms import BaseRequest
+from .protocol.kms import BaseRequest, guid_text
 from .protocol.products import ProductNameError, products
 
 log = structlog.get_logger("kmsd.store")
@@ -111,9 +111,9 @@ PRUNE_EVERY = 3600.0  # seconds between prunings of the client history
 MEMORY_HISTORY = 1024  # requests between prunings of a :memory: database's history
 
 
-# str() of an application, SKU or KMS ID: a few hundred values in a lab, each made once;
-# clients may send any, so the cache is bounded (least recently used out).
-_text = functools.lru_cache(maxsize=1024)(str)
+# The text of an application, SKU or KMS ID as sent: a few hundred values in a lab, each
+# made once; clients may send any, so the cache is bounded (least recently used out).
+_text = functools.lru_cache(maxsize=1024)(guid_text)
 
 
 TRUNCATING, RECOVERING = "truncating the log", "recreating the database file"
@@ -221,22 +221,23 @@ class _Change:
     record in the table), the records that left the table other than at its oldest end,
     and the application's row when it changed."""
 
-    key: tuple[str, str]  # application, client
+    key: tuple[str, str]  # application, client: the text the database holds
     row: tuple[object, ...]  # values for _UPSERT_CLIENT
-    dropped: list[UUID]
+    dropped: list[bytes]  # client IDs as sent
     app: tuple[int, int] | None  # capacity, low_seq
 
 
 class _Written:
     """What the database holds of one application's table: its capacity and its records
-    in the order of their seq, oldest first; rows with seq <= low have left the table."""
+    in the order of their seq, oldest first (client IDs as sent); rows with seq <= low
+    have left the table."""
 
     __slots__ = ("capacity", "low", "seqs")
 
     def __init__(self, capacity: int = 0, low: int = 0) -> None:
         self.capacity = capacity
         self.low = low
-        self.seqs: OrderedDict[UUID, int] = OrderedDict()
+        self.seqs: OrderedDict[bytes, int] = OrderedDict()
 
 
 Statement = tuple[str, tuple[object, ...]]
@@ -269,7 +270,7 @@ def _write_changes(db: sqlite3.Connection, changes: list[_Change]) -> None:
     dropped: dict[tuple[str, str], int] = {}
     for i, change in enumerate(changes):
         for client in change.dropped:
-            dropped[(change.key[0], str(client))] = i
+            dropped[(change.key[0], guid_text(client))] = i
     gone = [key for key, i in dropped.items() if i > written.get(key, -1)]
     if gone:
         db.executemany(_DROP, gone)
@@ -325,7 +326,7 @@ class SqliteStore:
             ) from None
         self._file = _identity(path)
         self.counter = MemoryCounter(known, settings.lifetime, fixed_capacity=settings.capacity)
-        self._written: dict[UUID, _Written] = {}
+        self._written: dict[bytes, _Written] = {}  # by application ID as sent
         self._load()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._items: list[_Change | Statement] = []  # not yet committed, in the loop's order
@@ -359,18 +360,23 @@ class SqliteStore:
             self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def _load(self) -> None:
+        """The working copy from the database, whose GUIDs are text (of UUIDs)."""
         written = self._written
-        capacities: dict[UUID, int] = {}
+        capacities: dict[bytes, int] = {}
         for app, capacity, low in self.db.execute(
             "SELECT application, capacity, low_seq FROM apps"
         ):
-            capacities[UUID(app)] = capacity
-            written[UUID(app)] = _Written(capacity, low)
-        records: dict[UUID, list[tuple[UUID, float]]] = {app: [] for app in capacities}
+            capacities[UUID(app).bytes_le] = capacity
+            written[UUID(app).bytes_le] = _Written(capacity, low)
+        records: dict[bytes, list[tuple[bytes, float]]] = {app: [] for app in capacities}
+        applications: dict[str, bytes] = {}
         for app, client, recorded_at, seq in self.db.execute(
             "SELECT application, client, recorded_at, seq FROM records ORDER BY seq"
         ):
-            application, cmid = UUID(app), UUID(client)
+            application = applications.get(app)
+            if application is None:
+                application = applications[app] = UUID(app).bytes_le
+            cmid = UUID(client).bytes_le
             records.setdefault(application, []).append((cmid, recorded_at))
             written.setdefault(application, _Written()).seqs[cmid] = seq
         for application, kept in records.items():
@@ -430,8 +436,8 @@ class SqliteStore:
 
     def count(self, request: BaseRequest, now: float, address: str) -> int:
         app = request.application_id
-        dropped: list[UUID] = []
-        evicted_tables: list[UUID] = []
+        dropped: list[bytes] = []
+        evicted_tables: list[bytes] = []
         table = self.counter.table(app, evicted_tables)
         count = table.record(request.client_machine_id, request.required_count, now, dropped)
         if now > self._latest:
@@ -452,7 +458,7 @@ class SqliteStore:
         if written.low != low or written.capacity != table.capacity:
             written.capacity = table.capacity
             app_row = (table.capacity, written.low)
-        key = (_text(app), str(request.client_machine_id))
+        key = (_text(app), request.cmid_text)
         row = (
             *key,
             request.workstation,
@@ -925,21 +931,21 @@ class SqliteStore:
         """Apply a command of `kmsd forget` / `kmsd reset` to the working copy and queue
         its SQL."""
         if verb == FORGET:
-            client = UUID(argument)
+            client = UUID(argument).bytes_le
             apps = self.counter.forget(client)
             for app in apps:
                 self._written[app].seqs.pop(client)
             affected = len(apps)
             self._items += forget_sql(argument)
         else:
-            affected = self._reset(UUID(argument) if argument else None)
+            affected = self._reset(UUID(argument).bytes_le if argument else None)
         self._items.append(
             ("UPDATE commands SET done = 1, result = ? WHERE id = ?", (affected, command_id))
         )
         log.info("admin command applied", command=verb, argument=argument, records=affected)
         self._schedule()
 
-    def _reset(self, application: UUID | None) -> int:
+    def _reset(self, application: bytes | None) -> int:
         """Start one application's table (None: every table) afresh, in the working copy
         and in the database; returns the records removed."""
         removed = self.counter.reset(application)
@@ -947,7 +953,7 @@ class SqliteStore:
             self._written.clear()
         else:
             self._written.pop(application, None)
-        self._items += reset_sql(str(application) if application else "")
+        self._items += reset_sql(guid_text(application) if application else "")
         return removed
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import struct
-from uuid import UUID
 
 from .protocol.crypto import E5, E6, pkcs7_pad, pkcs7_unpad
 from .protocol.kms import BaseResponse, KmsRequest, encode_response
@@ -36,7 +35,7 @@ def tampered_response(
     """The KMS response to `request` that fails `check` (a key of rules.TAMPER_CHECKS that
     applies to the request's version)."""
     fields = {
-        "client_machine_id": {"client_machine_id": UUID(int=base.client_machine_id.int ^ 1)},
+        "client_machine_id": {"client_machine_id": _flip(base.client_machine_id, 15)},
         "request_time": {"request_time": base.request_time ^ 1},
         "version": {"minor": base.minor ^ 1},
         "epid_format": {"epid": NOT_AN_EPID},

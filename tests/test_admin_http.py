@@ -191,8 +191,8 @@ async def test_metrics_after_known_activations(served: Served) -> None:
         await conn.activate(base_request(WIN, major=6))
     await conn.activate(base_request(WIN, major=4))
     await conn.activate(base_request(WIN, major=6, required_count=1))
-    unknown = dataclasses.replace(base_request(WIN, major=6), sku_id=uuid.uuid4())
-    unknown = dataclasses.replace(unknown, kms_id=uuid.uuid4())
+    unknown = dataclasses.replace(base_request(WIN, major=6), sku_id=uuid.uuid4().bytes_le)
+    unknown = dataclasses.replace(unknown, kms_id=uuid.uuid4().bytes_le)
     await conn.activate(unknown)
     with pytest.raises(HostRefused):
         await conn.activate(base_request(WIN, major=6, required_count=1001))
@@ -463,7 +463,7 @@ async def test_strict_refusals_keep_what_the_request_named(
         await shut(served)
     logged = capsys.readouterr()
     line = next(x for x in (logged.out + logged.err).splitlines() if "request refused" in x)
-    assert str(request.client_machine_id) in line and "retail.lab.test" in line
+    assert request.cmid_text in line and "retail.lab.test" in line
     assert "Windows 10/11 Home" in line
 
 

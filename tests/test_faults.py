@@ -79,10 +79,10 @@ async def activate(server: KmsServer) -> tuple[str, int | None]:
     try:
         reply = await asyncio.wait_for(conn.activate(base), TIMEOUT)
     except (ConnectionError, asyncio.IncompleteReadError):
-        return str(base.client_machine_id), None
+        return base.cmid_text, None
     finally:
         await conn.close()
-    return str(base.client_machine_id), reply.base.count
+    return base.cmid_text, reply.base.count
 
 
 def stored(path: Path) -> set[str]:

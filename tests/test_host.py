@@ -100,10 +100,11 @@ def test_strict_refuses_retail_unknown_and_mismatched_products() -> None:
     assert WIN and HOME
     strict = make_host(HostPolicy(strict=True))
     assert refused(strict, base_request(HOME, now=NOW)).hresult == HResult.KMS_ID_MISMATCH
-    unknown = dataclasses.replace(base_request(WIN, now=NOW), kms_id=uuid.uuid4())
+    unknown = dataclasses.replace(base_request(WIN, now=NOW), kms_id=uuid.uuid4().bytes_le)
     assert refused(strict, unknown).hresult == HResult.KMS_ID_MISMATCH
     office_app = dataclasses.replace(
-        base_request(WIN, now=NOW), application_id=uuid.UUID("0ff1ce15-a989-479d-af46-f275c6370663")
+        base_request(WIN, now=NOW),
+        application_id=uuid.UUID("0ff1ce15-a989-479d-af46-f275c6370663").bytes_le,
     )
     assert refused(strict, office_app).hresult == HResult.KMS_ID_MISMATCH
     # Not strict: all of these are served, the unknown one flagged for the log.
@@ -171,7 +172,7 @@ def test_products_and_overrides_hold_when_asked_again() -> None:
     reload changes (ePID overrides) still applies to the next request."""
     assert WIN
     host = make_host()
-    unknown_sku = dataclasses.replace(base_request(WIN, now=NOW), sku_id=uuid.UUID(int=7))
+    unknown_sku = dataclasses.replace(base_request(WIN, now=NOW), sku_id=uuid.UUID(int=7).bytes_le)
     first, again = (
         host.answer(encode_request(unknown_sku, iv=os.urandom(16)), NOW)[1] for _ in "12"
     )

@@ -40,6 +40,7 @@ from kmsd.protocol.kms import (
     decode_request,
     decode_response,
     encode_request,
+    guid_text,
 )
 from kmsd.protocol.products import products
 from kmsd.protocol.rpc import (
@@ -229,6 +230,7 @@ workstations = st.text(
     alphabet=st.characters(min_codepoint=1, exclude_categories=["Cs"]), max_size=63
 ).filter(lambda s: len(s.encode("utf-16-le")) <= 126)
 
+guids = st.binary(min_size=16, max_size=16)  # as sent: any 16 bytes
 base_requests = st.builds(
     BaseRequest,
     major=st.sampled_from([4, 5, 6]),
@@ -236,15 +238,21 @@ base_requests = st.builds(
     is_vm=u32,
     license_status=u32,
     binding_expiration=u32,
-    application_id=st.uuids(),
-    sku_id=st.uuids(),
-    kms_id=st.uuids(),
-    client_machine_id=st.uuids(),
+    application_id=guids,
+    sku_id=guids,
+    kms_id=guids,
+    client_machine_id=guids,
     required_count=u32,
     request_time=u64,
-    previous_client_machine_id=st.uuids(),
+    previous_client_machine_id=guids,
     workstation=workstations,
 )
+
+
+@FAST
+@given(raw=guids)
+def test_guid_text_is_the_uuid_text(raw: bytes) -> None:
+    assert guid_text(raw) == str(uuid.UUID(bytes_le=raw))
 
 
 # ------------------------------------------------------- 1. feed() with arbitrary bytes
@@ -620,7 +628,7 @@ def test_host_answer_verifies(base: BaseRequest, iv: bytes, data: st.DataObject)
         base = base_request(
             sku,
             major=base.major,
-            client_machine_id=base.client_machine_id,
+            client_machine_id=uuid.UUID(bytes_le=base.client_machine_id),
             now=NOW,
             workstation=base.workstation,
         )

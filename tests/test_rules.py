@@ -72,9 +72,9 @@ def test_names_resolve_as_the_cli_does() -> None:
             "client": "10.1.2.3/8",
         }
     )
-    assert rule.match.sku == WIN.id
-    assert rule.match.application == WIN.kms.application.id
-    assert rule.match.kms_id == WIN.kms.id
+    assert rule.match.sku == WIN.id.bytes_le
+    assert rule.match.application == WIN.kms.application.id.bytes_le
+    assert rule.match.kms_id == WIN.kms.id.bytes_le
     assert rule.match.protocols == frozenset({6})
     assert rule.response.hresult == 0xC004F042
     assert rule.spec["hresult"] == "0xC004F042" and rule.spec["client"] == "10.0.0.0/8"

@@ -142,7 +142,7 @@ async def test_daemon_logs_each_activation_and_stops_cleanly_on_sigterm(
     reply = await conn.activate(base)
     await conn.close()
     entry = await asyncio.to_thread(kmsd_process.read_log_until, "activation")
-    assert entry["cmid"] == str(base.client_machine_id)
+    assert entry["cmid"] == base.cmid_text
     assert entry["workstation"] == "lab-pc-07.lab.test"
     assert entry["application"] == "Windows"
     assert entry["product"] == "Windows 10/11 Enterprise"

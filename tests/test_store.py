@@ -28,7 +28,7 @@ from kmsd.cache import TableView
 from kmsd.commit import Commit
 from kmsd.host import HostPolicy
 from kmsd.protocol.client import base_request
-from kmsd.protocol.kms import BaseRequest, encode_request
+from kmsd.protocol.kms import BaseRequest, encode_request, guid_text
 from kmsd.protocol.products import products
 from kmsd.store import (
     MEMORY,
@@ -61,12 +61,13 @@ def request(sku_name: str = "Windows 10/11 Enterprise", **kw: object) -> BaseReq
     return base_request(sku, now=NOW, **kw)  # type: ignore[arg-type]
 
 
-def table_of(store: SqliteStore, application: UUID) -> TableView:
-    return store.counter.snapshot()[application]
+def table_of(store: SqliteStore, application: bytes) -> TableView:
+    """The table of an application, by its ID as requests send it."""
+    return store.counter.snapshot()[UUID(bytes_le=application)]
 
 
-def ids(table: TableView) -> list[UUID]:
-    """The clients in a table, oldest first."""
+def ids(table: TableView) -> list[bytes]:
+    """The clients in a table (IDs as sent), oldest first."""
     return [client for client, _ in table.records]
 
 
@@ -85,8 +86,11 @@ async def test_reply_waits_for_commit_and_commits_come_in_groups(tmp_path: Path)
     assert counts == list(range(1, 21))
     await asyncio.wait_for(barrier, 10)
     # Everything counted before the barrier is on disk, seen by another connection.
+    # The database keeps the GUIDs' text, as before the host counted by bytes.
     stored = {r[0] for r in rows(path, "SELECT client FROM records")}
-    assert stored == {str(r.client_machine_id) for r in clients}
+    assert stored == {str(UUID(bytes_le=r.client_machine_id)) for r in clients}
+    application = str(UUID(bytes_le=clients[0].application_id))
+    assert rows(path, "SELECT application FROM apps") == [(application,)]
     assert rows(path, "SELECT capacity FROM apps") == [(50,)]
     history = rows(path, "SELECT workstation, protocol, address, requests FROM clients LIMIT 1")
     assert history == [("kmsclient.lab.test", "6.0", "127.0.0.1:1", 1)]
@@ -142,8 +146,8 @@ async def test_an_older_database_is_migrated_with_its_records(tmp_path: Path, ol
     assert store.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
     assert rows(path, "SELECT capacity, low_seq FROM apps") == [(50, 0)]
     assert rows(path, "SELECT name FROM sqlite_master WHERE type = 'index' AND sql NOT NULL") == []
-    table = table_of(store, WIN.kms.application.id)
-    assert (ids(table), table.capacity) == ([UUID(client)], 50)
+    table = table_of(store, WIN.kms.application.id.bytes_le)
+    assert (ids(table), table.capacity) == ([UUID(client).bytes_le], 50)
     store.start(asyncio.get_running_loop())
     assert store.count(request(), NOW + 1, "b") == 2
     await store.barrier()
@@ -194,7 +198,7 @@ async def test_commit_failure_holds_replies_back_and_recovers(tmp_path: Path) ->
     store.count(later, NOW + 1, "a")
     await asyncio.wait_for(store.barrier(), 10)  # the retried batch and the new one commit
     stored = {r[0] for r in rows(path, "SELECT client FROM records")}
-    assert stored == {str(lost.client_machine_id), str(later.client_machine_id)}
+    assert stored == {lost.cmid_text, later.cmid_text}
     assert store.failures >= 1
     await store.close()
 
@@ -257,7 +261,7 @@ async def test_kill_9_during_load_loses_no_acknowledged_client(tmp_path: Path) -
                 await conn.close()
             except (OSError, asyncio.IncompleteReadError, TimeoutError):
                 return
-            acknowledged.append(str(base.client_machine_id))
+            acknowledged.append(base.cmid_text)
             if len(acknowledged) == 150:
                 kmsd.process.send_signal(signal.SIGKILL)
                 killed.set()
@@ -321,18 +325,18 @@ def test_admin_commands_without_a_daemon(tmp_path: Path) -> None:
         store.db.execute(
             "INSERT INTO clients VALUES (?, ?, 'w', ?, ?, '6.0', 25, 0, 1, 'a', 1, 1, 1, ?, 1)",
             (
-                str(client.application_id),
-                str(client.client_machine_id),
-                str(client.sku_id),
-                str(client.kms_id),
+                guid_text(client.application_id),
+                client.cmid_text,
+                guid_text(client.sku_id),
+                guid_text(client.kms_id),
                 NOW,
             ),
         )
     store.db.close()
     store._release_lock()
-    answer = run_kmsd("forget", str(client.client_machine_id), "--db", str(path), stdin="y\n")
+    answer = run_kmsd("forget", client.cmid_text, "--db", str(path), stdin="y\n")
     assert answer.returncode == 1  # no terminal to ask and no --yes
-    done = run_kmsd("forget", str(client.client_machine_id), "--db", str(path), "--yes")
+    done = run_kmsd("forget", client.cmid_text, "--db", str(path), "--yes")
     assert done.returncode == 0 and "1 record(s) removed" in done.stdout
     assert rows(path, "SELECT * FROM records") == []
     bad = run_kmsd("reset", "--app", "Linux", "--db", str(path), "--yes")
@@ -375,15 +379,15 @@ async def test_one_batch_keeps_the_order_of_evictions_and_admin_commands(tmp_pat
     a, b, c, d = (request() for _ in range(4))
     for i, r in enumerate((a, b, c)):  # c evicts a within the same batch
         store.count(r, NOW + i, "x")
-    store._apply_command(0, "reset", str(a.application_id))  # queued after a, b, c
+    store._apply_command(0, "reset", guid_text(a.application_id))  # queued after a, b, c
     store.count(d, NOW + 5, "x")  # counted after the reset: must survive it
     store.start(asyncio.get_running_loop())
     await asyncio.wait_for(store.barrier(), 10)
     await store.close()
     in_table = {r[0] for r in rows(path, "SELECT client FROM records")}
-    assert in_table == {str(d.client_machine_id)}
+    assert in_table == {d.cmid_text}
     history = {r[0] for r in rows(path, "SELECT client FROM clients")}
-    assert history == {str(r.client_machine_id) for r in (a, b, c, d)}
+    assert history == {r.cmid_text for r in (a, b, c, d)}
     again = SqliteStore(table_settings(path, capacity=2), known=KNOWN)
     assert ids(table_of(again, d.application_id)) == [d.client_machine_id]
 
@@ -424,9 +428,7 @@ async def test_replies_wait_for_the_log_flush_only_in_full_mode(
     else:
         await asyncio.wait_for(asyncio.to_thread(flushing.wait, 10), 11)
         # Committed (another connection sees it), but the reply still waits for the flush.
-        assert {r[0] for r in rows(path, "SELECT client FROM records")} == {
-            str(first.client_machine_id)
-        }
+        assert {r[0] for r in rows(path, "SELECT client FROM records")} == {first.cmid_text}
         assert not barrier.done()
         second = request()
         store.count(second, NOW + 1, "a")  # commits while the flush runs
@@ -456,10 +458,10 @@ async def test_an_eviction_at_the_oldest_end_writes_no_row_of_the_evicted(
     store.count(c, NOW + 2, "x")  # evicts a, the oldest
     await asyncio.wait_for(store.barrier(), 10)
     assert store.db.total_changes - changes == 2  # c's row, the application's
-    evicted = f"SELECT recorded_at FROM clients WHERE client = '{a.client_machine_id}'"
+    evicted = f"SELECT recorded_at FROM clients WHERE client = '{a.cmid_text}'"
     assert rows(path, evicted) == [(NOW,)]  # as it was: only low_seq moved past it
     in_table = {r[0] for r in rows(path, "SELECT client FROM records")}
-    assert in_table == {str(b.client_machine_id), str(c.client_machine_id)}
+    assert in_table == {b.cmid_text, c.cmid_text}
     # The clock goes back: d evicts b and is recorded as older than c, so the table
     # (oldest first by time) is d, c while their seqs are in the order c, d. The next
     # client evicts d, which is not the oldest by seq: its row is written.
@@ -471,10 +473,10 @@ async def test_an_eviction_at_the_oldest_end_writes_no_row_of_the_evicted(
         e.client_machine_id,
     ]
     assert rows(path, "SELECT client FROM records ORDER BY seq") == [
-        (str(c.client_machine_id),),
-        (str(e.client_machine_id),),
+        (c.cmid_text,),
+        (e.cmid_text,),
     ]
-    dropped = f"SELECT recorded_at FROM clients WHERE client = '{d.client_machine_id}'"
+    dropped = f"SELECT recorded_at FROM clients WHERE client = '{d.cmid_text}'"
     assert rows(path, dropped) == [(None,)]
     await store.close()
 
@@ -490,7 +492,7 @@ async def test_history_of_clients_gone_for_long_is_pruned(tmp_path: Path) -> Non
     await asyncio.wait_for(store.barrier(), 10)
     await store.close()  # the first commit prunes
     history = {r[0] for r in rows(path, "SELECT client FROM clients")}
-    assert history == {str(current.client_machine_id)}
+    assert history == {current.cmid_text}
     # Without a retention, nothing is pruned.
     keep = SqliteStore(table_settings(tmp_path / "keep.db", capacity=1, history=None), known=KNOWN)
     for i, r in enumerate((old, evicted, current)):
@@ -621,8 +623,8 @@ async def test_memory_stays_flat_whatever_ids_clients_send(tmp_path: Path) -> No
     async def burst(n: int) -> None:
         for i in range(n):
             r = request()
-            r = dataclasses.replace(r, sku_id=UUID(int=rng.getrandbits(128)))
-            r = dataclasses.replace(r, kms_id=UUID(int=rng.getrandbits(128)))
+            r = dataclasses.replace(r, sku_id=rng.randbytes(16))
+            r = dataclasses.replace(r, kms_id=rng.randbytes(16))
             store.count(r, NOW + i, "127.0.0.1:1")
             if i % 100 == 99:
                 await asyncio.wait_for(store.barrier(), 10)
@@ -662,7 +664,7 @@ async def test_the_log_stays_within_its_limit_under_sustained_commits(tmp_path: 
     one_commit = 128 * 1024  # 4 clients: each a leaf, its parents, maybe a split
     assert peak <= limit + one_commit, f"log reached {peak} bytes"
     stored = {r[0] for r in rows(path, "SELECT client FROM records")}
-    assert stored == {str(c.client_machine_id) for c in clients}
+    assert stored == {c.cmid_text for c in clients}
 
 
 as_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
@@ -735,7 +737,7 @@ async def test_a_deleted_database_is_written_again_and_nothing_is_lost(tmp_path:
             await asyncio.wait_for(conn.activate(base), 10)
         finally:
             await conn.close()
-        clients.append(str(base.client_machine_id))
+        clients.append(base.cmid_text)
 
     try:
         address = admin_address(kmsd)

@@ -24,7 +24,7 @@ import pytest
 from kmsd.host import HostIdentity, HostPolicy, KmsHost
 from kmsd.protocol.connection import AssociationGroups, Call, Close, Send, ServerConnection
 from kmsd.protocol.errors import FaultStatus, KmsError
-from kmsd.protocol.kms import BaseRequest, decode_request
+from kmsd.protocol.kms import BaseRequest, decode_request, guid_text, product_uuid
 from kmsd.protocol.rpc import (
     BindAck,
     Fault,
@@ -117,17 +117,17 @@ def test_every_kms_request_decodes(path: Path) -> None:
         raw_base = raw[:236] if req.major == 4 else bytes.fromhex(want["plaintext_base_hex"])
         if base["workstation_buffer_tail_all_zero"]:  # else vlmcs left garbage after the NUL
             assert req.base.encode() == raw_base
-        assert str(req.base.client_machine_id) == base["client_machine_id"]
-        assert str(req.base.application_id) == base["application_id"]
-        assert str(req.base.sku_id) == base["sku_id"]
-        assert str(req.base.kms_id) == base["kms_counted_id"]
+        assert req.base.cmid_text == base["client_machine_id"]
+        assert guid_text(req.base.application_id) == base["application_id"]
+        assert guid_text(req.base.sku_id) == base["sku_id"]
+        assert guid_text(req.base.kms_id) == base["kms_counted_id"]
         assert req.base.required_count == base["required_client_count"]
         assert req.base.request_time == base["request_time_filetime"]
         assert req.base.workstation == base["workstation_name"]
         assert req.base.is_vm == base["is_client_vm"]
         assert req.base.license_status == base["license_status"]
         assert req.base.binding_expiration == base["binding_expiration_minutes"]
-        assert str(req.base.previous_client_machine_id) == base["previous_client_machine_id"]
+        assert guid_text(req.base.previous_client_machine_id) == base["previous_client_machine_id"]
         if req.major >= 5:
             assert req.dc.hex() == want["decrypted_iv_block_hex"]
 
@@ -223,7 +223,8 @@ def replay(vector: dict[str, Any]) -> list[tuple[int, bytes, bytes]]:
             nxt = decoded[i + 1] if i + 1 < len(decoded) else {}
             resp = nxt.get("kms_response_decoded") or {}
             if resp.get("base"):
-                kms_id = decode_request(bytes.fromhex(dec["kms_request_hex"])).base.kms_id
+                raw_kms_id = decode_request(bytes.fromhex(dec["kms_request_hex"])).base.kms_id
+                kms_id = product_uuid(raw_kms_id)
                 overrides[kms_id] = resp["base"]["epid"]
             for event in conn.feed(data):
                 if isinstance(event, Send):

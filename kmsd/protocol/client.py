@@ -69,13 +69,13 @@ def base_request(
         is_vm=is_vm,
         license_status=license_status,
         binding_expiration=binding_expiration,
-        application_id=sku.kms.application.id,
-        sku_id=sku.id,
-        kms_id=sku.kms.id,
-        client_machine_id=client_machine_id or uuid.uuid4(),
+        application_id=sku.kms.application.id.bytes_le,
+        sku_id=sku.id.bytes_le,
+        kms_id=sku.kms.id.bytes_le,
+        client_machine_id=(client_machine_id or uuid.uuid4()).bytes_le,
         required_count=sku.kms.n_policy if required_count is None else required_count,
         request_time=filetime(time.time() if now is None else now),
-        previous_client_machine_id=previous_client_machine_id,
+        previous_client_machine_id=previous_client_machine_id.bytes_le,
         workstation=workstation,
     )
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import struct
 from dataclasses import dataclass, field
-from uuid import UUID, SafeUUID
+from uuid import UUID
 
 from .crypto import (
     BLOCK,
@@ -40,30 +40,32 @@ _PRODUCT_IDS = slice(16, 64)  # application, SKU and KMS IDs in a base request
 SUPPORTED_MAJORS = (4, 5, 6)
 
 
-def _guid(raw: bytes) -> UUID:
-    """UUID(bytes_le=raw) without the constructor's argument checks (per-request path)."""
-    guid = object.__new__(UUID)
-    value = int.from_bytes(raw[3::-1] + raw[5:3:-1] + raw[7:5:-1] + raw[8:16], "big")
-    object.__setattr__(guid, "int", value)
-    object.__setattr__(guid, "is_safe", SafeUUID.unknown)
-    return guid
+_GUID_HEAD = struct.Struct("<IHH")  # a GUID's first three fields, little-endian on the wire
+_GUID_TAIL = struct.Struct(">HHI")  # its last eight bytes, in the order of the text form
 
 
-_NIL_BYTES = bytes(16)
-_NIL = UUID(int=0)
-_PRODUCT_GUIDS: dict[bytes, UUID] = {}
-_MAX_PRODUCT_GUIDS = 4096
+def guid_text(raw: bytes) -> str:
+    """The canonical text of a GUID sent as `raw` (16 bytes, wire order), as
+    str(UUID(bytes_le=raw)) writes it, without making the UUID (per-request path)."""
+    return "%08x-%04x-%04x-%04x-%04x%08x" % (
+        _GUID_HEAD.unpack_from(raw) + _GUID_TAIL.unpack_from(raw, 8)
+    )
 
 
-def _product_guid(raw: bytes) -> UUID:
-    """_guid for an application, SKU or KMS ID: a few hundred values in any lab, made
-    once each (a peer sending random ones only fills the bounded table)."""
-    guid = _PRODUCT_GUIDS.get(raw)
-    if guid is None:
-        guid = _guid(raw)
-        if len(_PRODUCT_GUIDS) < _MAX_PRODUCT_GUIDS:
-            _PRODUCT_GUIDS[raw] = guid
-    return guid
+_PRODUCT_UUIDS: dict[bytes, UUID] = {}
+_MAX_PRODUCT_UUIDS = 4096
+
+
+def product_uuid(raw: bytes) -> UUID:
+    """UUID(bytes_le=raw) of an application, SKU or KMS ID, to look it up in the product
+    database: a few hundred values in any lab, made once each (a peer sending random ones
+    only fills the bounded table)."""
+    uuid = _PRODUCT_UUIDS.get(raw)
+    if uuid is None:
+        uuid = UUID(bytes_le=raw)
+        if len(_PRODUCT_UUIDS) < _MAX_PRODUCT_UUIDS:
+            _PRODUCT_UUIDS[raw] = uuid
+    return uuid
 
 
 def _utf16z_decode(raw: bytes) -> str:
@@ -75,21 +77,34 @@ def _utf16z_decode(raw: bytes) -> str:
 
 @dataclass(slots=True)  # made per request; not frozen, whose __init__ costs 3x
 class BaseRequest:
-    """The 236-byte base request, the same for every protocol version (docs/protocol.md)."""
+    """The 236-byte base request, the same for every protocol version (docs/protocol.md).
+
+    Its GUIDs are bytes as sent (16, wire order: UUID.bytes_le): that is what the host
+    compares, hashes and counts by; UUID(bytes_le=...) and guid_text make them readable."""
 
     major: int
     minor: int
     is_vm: int
     license_status: int
     binding_expiration: int
-    application_id: UUID
-    sku_id: UUID
-    kms_id: UUID
-    client_machine_id: UUID
+    application_id: bytes
+    sku_id: bytes
+    kms_id: bytes
+    client_machine_id: bytes
     required_count: int
     request_time: int
-    previous_client_machine_id: UUID
+    previous_client_machine_id: bytes
     workstation: str
+    _cmid_text: str | None = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def cmid_text(self) -> str:
+        """The client machine ID's canonical text, made once (the store and the log line
+        both need it)."""
+        text = self._cmid_text
+        if text is None:
+            text = self._cmid_text = guid_text(self.client_machine_id)
+        return text
 
     def encode(self) -> bytes:
         name = self.workstation.encode("utf-16-le") + b"\x00\x00"
@@ -101,13 +116,13 @@ class BaseRequest:
             self.is_vm,
             self.license_status,
             self.binding_expiration,
-            self.application_id.bytes_le,
-            self.sku_id.bytes_le,
-            self.kms_id.bytes_le,
-            self.client_machine_id.bytes_le,
+            self.application_id,
+            self.sku_id,
+            self.kms_id,
+            self.client_machine_id,
             self.required_count,
             self.request_time,
-            self.previous_client_machine_id.bytes_le,
+            self.previous_client_machine_id,
             name,
         )
 
@@ -135,13 +150,13 @@ class BaseRequest:
             vm,
             status,
             expiration,
-            _product_guid(app),
-            _product_guid(sku),
-            _product_guid(kms),
-            _guid(cmid),
+            app,
+            sku,
+            kms,
+            cmid,
             required,
             time,
-            _NIL if previous == _NIL_BYTES else _guid(previous),  # nearly always nil
+            previous,
             _utf16z_decode(name),
         )
 
@@ -161,7 +176,7 @@ class BaseResponse:
     major: int
     minor: int
     epid: str
-    client_machine_id: UUID
+    client_machine_id: bytes  # as sent (16, wire order), like BaseRequest's
     request_time: int
     count: int
     activation_interval: int
@@ -173,7 +188,7 @@ class BaseResponse:
             _RESPONSE_HEAD.pack(self.minor, self.major, len(epid))
             + epid
             + _RESPONSE_TAIL.pack(
-                self.client_machine_id.bytes_le,
+                self.client_machine_id,
                 self.request_time,
                 self.count,
                 self.activation_interval,
@@ -203,7 +218,7 @@ class BaseResponse:
             major=major,
             minor=minor,
             epid=raw_epid[:-2].decode("utf-16-le", errors="replace"),
-            client_machine_id=_guid(cmid),
+            client_machine_id=cmid,
             request_time=time,
             count=count,
             activation_interval=activation,
@@ -364,7 +379,7 @@ def decode_response(base_request: BaseRequest, iv: bytes, message: bytes) -> Kms
     if (base.major, base.minor) != (major, minor):
         raise NotGenuine("version", f"inner response version {base.major}.{base.minor}")
     if base.client_machine_id != base_request.client_machine_id:
-        raise NotGenuine("client_machine_id", f"echoed CMID {base.client_machine_id}")
+        raise NotGenuine("client_machine_id", f"echoed CMID {guid_text(base.client_machine_id)}")
     if base.request_time != base_request.request_time:
         raise NotGenuine("request_time", f"echoed time {base.request_time}")
     return KmsResponse(base, hwid, salt, w, tuple(warnings))
