@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import functools
 import math
 import os
 import sqlite3
@@ -111,9 +110,21 @@ PRUNE_EVERY = 3600.0  # seconds between prunings of the client history
 MEMORY_HISTORY = 1024  # requests between prunings of a :memory: database's history
 
 
-# The text of an application, SKU or KMS ID as sent: a few hundred values in a lab, each
-# made once; clients may send any, so the cache is bounded (least recently used out).
-_text = functools.lru_cache(maxsize=1024)(guid_text)
+# The text the database holds of a request's application, SKU, KMS ID and protocol version,
+# by the values as sent: a few hundred in a lab, each made once (one lookup, not one per
+# field); clients may send any, so the memo is bounded (emptied when full).
+_ProductKey = tuple[bytes, bytes, bytes, int, int]
+_PRODUCT_TEXTS: dict[_ProductKey, tuple[str, str, str, str]] = {}
+_MAX_PRODUCT_TEXTS = 4096
+
+
+def _product_texts(key: _ProductKey) -> tuple[str, str, str, str]:
+    app, sku, kms_id, major, minor = key
+    texts = (guid_text(app), guid_text(sku), guid_text(kms_id), f"{major}.{minor}")
+    if len(_PRODUCT_TEXTS) >= _MAX_PRODUCT_TEXTS:
+        _PRODUCT_TEXTS.clear()
+    _PRODUCT_TEXTS[key] = texts
+    return texts
 
 
 TRUNCATING, RECOVERING = "truncating the log", "recreating the database file"
@@ -458,13 +469,15 @@ class SqliteStore:
         if written.low != low or written.capacity != table.capacity:
             written.capacity = table.capacity
             app_row = (table.capacity, written.low)
-        key = (_text(app), request.cmid_text)
+        product = (app, request.sku_id, request.kms_id, request.major, request.minor)
+        texts = _PRODUCT_TEXTS.get(product) or _product_texts(product)
+        key = (texts[0], request.cmid_text)
         row = (
             *key,
             request.workstation,
-            _text(request.sku_id),
-            _text(request.kms_id),
-            f"{request.major}.{request.minor}",
+            texts[1],
+            texts[2],
+            texts[3],
             request.required_count,
             request.is_vm,
             request.license_status,

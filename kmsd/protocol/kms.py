@@ -40,16 +40,15 @@ _PRODUCT_IDS = slice(16, 64)  # application, SKU and KMS IDs in a base request
 SUPPORTED_MAJORS = (4, 5, 6)
 
 
-_GUID_HEAD = struct.Struct("<IHH")  # a GUID's first three fields, little-endian on the wire
-_GUID_TAIL = struct.Struct(">HHI")  # its last eight bytes, in the order of the text form
+_GUID_WIRE = struct.Struct("<IHH8s")  # a GUID as sent: its first three fields little-endian
+_GUID_TEXT = struct.Struct(">IHH8s")  # the same in the order its text is written
 
 
 def guid_text(raw: bytes) -> str:
     """The canonical text of a GUID sent as `raw` (16 bytes, wire order), as
     str(UUID(bytes_le=raw)) writes it, without making the UUID (per-request path)."""
-    return "%08x-%04x-%04x-%04x-%04x%08x" % (
-        _GUID_HEAD.unpack_from(raw) + _GUID_TAIL.unpack_from(raw, 8)
-    )
+    h = _GUID_TEXT.pack(*_GUID_WIRE.unpack(raw)).hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 _PRODUCT_UUIDS: dict[bytes, UUID] = {}
