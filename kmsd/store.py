@@ -392,8 +392,14 @@ class SqliteStore:
             written.setdefault(application, _Written()).seqs[cmid] = seq
         for application, kept in records.items():
             self.counter.table(application).restore(capacities.get(application, 0), kept)
-        last = self.db.execute("SELECT max(seq) FROM clients").fetchone()[0]
-        self._seq = (last or 0) + 1
+        # Above every seq a record had, and above every application's low_seq: a client
+        # forgotten or reset took its seq with it, and a new record at or under low_seq
+        # would be hidden by the records view at the next start.
+        last = self.db.execute(
+            "SELECT max(coalesce((SELECT max(seq) FROM clients), 0), "
+            "coalesce((SELECT max(low_seq) FROM apps), 0))"
+        ).fetchone()[0]
+        self._seq = last + 1
 
     def _release_lock(self) -> None:
         if self._lock is not None:
