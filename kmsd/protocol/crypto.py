@@ -441,9 +441,11 @@ def mac4(message: bytes) -> bytes:
     return E4.cbc_mac(padded)
 
 
+_PADS = [bytes([BLOCK - r]) * (BLOCK - r) for r in range(BLOCK)]  # by len(data) % BLOCK
+
+
 def pkcs7_pad(data: bytes) -> bytes:
-    n = BLOCK - len(data) % BLOCK
-    return data + bytes([n]) * n
+    return data + _PADS[len(data) % BLOCK]
 
 
 def pkcs7_unpad(data: bytes) -> bytes | None:
@@ -486,7 +488,8 @@ _SHA256_BLOCK = 64
 
 def v6_mac(request_time: int, data: bytes) -> bytes:
     """The V6 HMAC: the last 16 bytes of HMAC-SHA256(v6_hmac_key(request_time), data)."""
-    inner, outer = _keyed_sha256(_slot(request_time))
+    # _slot(request_time), inline: a call costs more than the arithmetic
+    inner, outer = _keyed_sha256(((request_time // C1) * C2 + C3) & 0xFFFFFFFFFFFFFFFF)
     inner = inner.copy()
     inner.update(data)
     outer = outer.copy()
