@@ -297,7 +297,8 @@ class _KmsProtocol(asyncio.Protocol):
             answers=server.bind_answers,
         )
         self.last_seen = now
-        server.watch(loop)
+        if server._sweeper is None:
+            server.watch(loop)
         if logs.current_level() == "debug":  # not even the call when nobody reads it
             log.debug("connection opened", client=self.peer)
 
