@@ -375,7 +375,7 @@ def test_whole_request_shortcut_answers_as_the_general_path(
     for at, xor in changes:
         buf[at] ^= xor
     pdu = bytes(buf[: len(buf) - cut])
-    if frag_length_of(pdu) != len(pdu) or pdu[2] != PType.REQUEST:  # what _handle asks it
+    if frag_length_of(pdu) != len(pdu) or pdu[2] != PType.REQUEST:  # what feed() asks it
         return
     shortcut = conn._whole_request(pdu)
     if shortcut is None:

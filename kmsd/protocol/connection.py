@@ -207,7 +207,12 @@ class ServerConnection:
             and (data[8] | data[9] << 8 if data[4] & 0xF0 == DREP_LE else frag_length_of(data))
             == size
         ):
-            return self._handle(data)  # the usual case: one whole PDU, not buffered
+            # The usual case: one whole PDU, not buffered; most often a request.
+            if data[2] == _REQUEST and size >= _REQUEST_SIZE:
+                call = self._whole_request(data)
+                if call is not None:
+                    return [call]
+            return self._handle(data)
         events: list[Event] = []
         self._buffer += data
         while len(self._buffer) >= HEADER_SIZE and not self.closed:
@@ -243,12 +248,7 @@ class ServerConnection:
         """One whole PDU (exactly frag_length bytes)."""
         ptype = data[2]
         key = b""
-        if ptype == _REQUEST:
-            if len(data) >= _REQUEST_SIZE:
-                call = self._whole_request(data)
-                if call is not None:
-                    return [call]
-        elif ptype in _BINDS and self._answers is not None:
+        if ptype in _BINDS and self._answers is not None:
             # Everything but the call id (12:16) and the requested group (20:24). Only binds
             # that passed the checks below are remembered, and bytes 0:12 (version,
             # auth_length) are in the key, so a bind found here passes them too.
@@ -373,12 +373,24 @@ class ServerConnection:
                 return []
             partial, whole = stub
             req = Request(req.call_id, partial.context_id, whole, partial.opnum)
-        return [self._call(req.call_id, req.context_id, self._contexts[req.context_id], req.stub)]
+        ndr64 = self._contexts[req.context_id]
+        try:
+            payload = ndr.unwrap_request(req.stub, ndr64)
+        except StubError as exc:
+            return [
+                self._fault(
+                    req.call_id,
+                    req.context_id,
+                    FaultStatus.BAD_STUB_DATA,
+                    f"bad {'NDR64' if ndr64 else 'NDR32'} stub: {exc}",
+                )
+            ]
+        return [Call(req.call_id, req.context_id, ndr64, payload)]
 
-    def _whole_request(self, data: bytes) -> Event | None:
+    def _whole_request(self, data: bytes) -> Call | None:
         """The usual request, read without parse_pdu: version 5.0, little-endian, not
         authenticated, in one fragment without an object UUID, opnum 0, on a bound
-        context. None for any other (the general path answers it)."""
+        context, with a good stub. None for any other (the general path answers it)."""
         vers, minor, _, flags, drep, _, auth, call_id, _, ctx, opnum = REQUEST_HEAD.unpack_from(
             data
         )
@@ -392,20 +404,10 @@ class ServerConnection:
             or opnum
         ):
             return None
-        return self._call(call_id, ctx, ndr64, data[_REQUEST_SIZE:])
-
-    def _call(self, call_id: int, context_id: int, ndr64: bool, stub: bytes) -> Event:
-        """The call a whole request's stub makes, or the fault that refuses a bad stub."""
         try:
-            payload = ndr.unwrap_request(stub, ndr64)
-        except StubError as exc:
-            return self._fault(
-                call_id,
-                context_id,
-                FaultStatus.BAD_STUB_DATA,
-                f"bad {'NDR64' if ndr64 else 'NDR32'} stub: {exc}",
-            )
-        return Call(call_id, context_id, ndr64, payload)
+            return Call(call_id, ctx, ndr64, ndr.unwrap_request(data[_REQUEST_SIZE:], ndr64))
+        except StubError:
+            return None  # the general path says what is wrong with it
 
     def _refusal(self, req: Request) -> Send | None:
         """The fault for a call this connection cannot execute, if it is one."""
