@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import hypothesis
 import pytest
 
 from kmsd.cache import MemoryCounter
@@ -30,6 +31,12 @@ if TYPE_CHECKING:
     from kmsd.dns.publish import PublishSettings
 
 LOOPBACK = "127.0.0.1"
+
+# Property tests draw the same cases at every run (a seed derived from each test): a failure
+# is found again by anyone, and a run cannot fail one time in a hundred. The cases a test
+# needs beyond those are written as @example.
+hypothesis.settings.register_profile("kmsd", derandomize=True, database=None)
+hypothesis.settings.load_profile("kmsd")
 
 # The README's test command runs `.venv/bin/python -m pytest` without activating the venv:
 # programs the tests start (kmsd, kmsclient, example tools) must find this venv's commands.
