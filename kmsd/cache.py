@@ -114,9 +114,12 @@ class ClientTable:
     ) -> int:
         """Record a request; returns the count. Records that leave go into `dropped`."""
         if self.fixed_capacity is None:
-            self._capacity = max(self._capacity, 2 * max(required, 1))
-        self.expire(now, dropped)
+            wanted = 2 * required if required > 1 else 2
+            if wanted > self._capacity:
+                self._capacity = wanted
         records = self._records
+        if records and next(iter(records.values())) <= now - self.lifetime:
+            self.expire(now, dropped)  # only when the oldest record has expired
         # Records stay in time order, so that expiry and eviction look at the oldest first;
         # only a clock that went back breaks the order, and then the table is sorted again.
         went_back = bool(records) and now < next(reversed(records.values()))
