@@ -96,12 +96,22 @@ class Admission(Generic[C]):
         if self._total >= self.max_connections:
             victim = self._victim(address)
             source = self._sources.get(address)  # the victim may have been its last
-        if source is None:
+        self._total += 1
+        if source is None:  # the usual case, its _counted(address, 0, 1) written out
             source = self._sources[address] = _Source(self._burst, now)
+            source.unserved[conn] = None
+            source.connections = 1
+            ones = self._by_count.get(1)
+            if ones is None:
+                self._by_count[1] = {address: None}
+            else:
+                ones[address] = None
+            if not self._most:
+                self._most = 1
+            return None, victim
         source.unserved[conn] = None
         source.connections += 1
         self._counted(address, source.connections - 1, source.connections)
-        self._total += 1
         return None, victim
 
     def explain(self, refusal: Refusal) -> str:
@@ -149,10 +159,17 @@ class Admission(Generic[C]):
         if source.unserved.pop(conn, False) is False and source.served.pop(conn, False) is False:
             return False
         self._total -= 1
+        if source.connections == 1:  # the usual case, its _counted(key, 1, 0) written out
+            del self._sources[key]
+            ones = self._by_count[1]
+            del ones[key]
+            if not ones:
+                del self._by_count[1]
+                if self._most == 1:
+                    self._most = 0
+            return True
         source.connections -= 1
         self._counted(key, source.connections + 1, source.connections)
-        if not source.connections:
-            del self._sources[key]
         return True
 
     def _counted(self, address: str, before: int, after: int) -> None:
