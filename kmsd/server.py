@@ -10,7 +10,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from time import perf_counter
-from typing import Protocol
+from typing import Any, Protocol, cast
 
 import structlog
 
@@ -153,7 +153,9 @@ class KmsServer:
                 ) from None
             self._servers.append(server)
         for server in self._servers:
-            for sock in server.sockets:
+            # uvloop's sockets are a list, typeshed says a tuple: through Any, a build
+            # compiled with mypyc does not check them against the tuple.
+            for sock in cast(Any, server).sockets:
                 addr = sock.getsockname()
                 self.addresses.append((addr[0], addr[1]))
         for host, port in self.addresses:

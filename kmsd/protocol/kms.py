@@ -36,7 +36,6 @@ WORKSTATION_SIZE = 128
 V4_REQUEST_SIZE = BASE_REQUEST_SIZE + BLOCK  # 252
 V56_REQUEST_SIZE = 4 + BLOCK + BASE_REQUEST_SIZE + 4  # 260
 _REQUEST_PAD = b"\x04" * 4
-_PRODUCT_IDS = slice(16, 64)  # application, SKU and KMS IDs in a base request
 SUPPORTED_MAJORS = (4, 5, 6)
 
 
@@ -282,7 +281,9 @@ def decode_request(message: bytes, *, verify: bool = True) -> KmsRequest:
             HResult.INVALID_DATA,
             f"inner version {base.major}.{base.minor} differs from outer {major}.{minor}",
         )
-    return KmsRequest(major, minor, base, iv, dc, raw[_PRODUCT_IDS])
+    # raw[16:64]: application, SKU and KMS IDs (a literal slice: mypyc mistakes a slice object
+    # for an index)
+    return KmsRequest(major, minor, base, iv, dc, raw[16:64])
 
 
 def encode_response(

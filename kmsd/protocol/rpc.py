@@ -11,6 +11,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Final
 from uuid import UUID
 
 HEADER = struct.Struct("<BBBBIHHI")  # vers, minor, PTYPE, flags, drep, frag_len, auth_len, call_id
@@ -40,15 +41,16 @@ class PType(IntEnum):
 
 
 class Flags:
-    """pfc_flags bits (plain ints: flag arithmetic is on the per-request path)."""
+    """pfc_flags bits (plain ints: flag arithmetic is on the per-request path; Final: mypyc
+    compiles class constants only when they are declared so)."""
 
-    FIRST_FRAG = 0x01
-    LAST_FRAG = 0x02
-    PENDING_CANCEL = 0x04
-    CONC_MPX = 0x10
-    DID_NOT_EXECUTE = 0x20
-    MAYBE = 0x40
-    OBJECT_UUID = 0x80
+    FIRST_FRAG: Final = 0x01
+    LAST_FRAG: Final = 0x02
+    PENDING_CANCEL: Final = 0x04
+    CONC_MPX: Final = 0x10
+    DID_NOT_EXECUTE: Final = 0x20
+    MAYBE: Final = 0x40
+    OBJECT_UUID: Final = 0x80
 
 
 WHOLE = Flags.FIRST_FRAG | Flags.LAST_FRAG
@@ -101,8 +103,8 @@ BTFN_PREFIX = UUID("6cb71c2c-9812-4540-0000-000000000000").bytes_le[:8]
 class Btfn:
     """Bind-time feature negotiation bits (plain ints, like Flags)."""
 
-    SECURITY_CONTEXT_MULTIPLEXING = 0x0001
-    KEEP_CONNECTION_ON_ORPHAN = 0x0002
+    SECURITY_CONTEXT_MULTIPLEXING: Final = 0x0001
+    KEEP_CONNECTION_ON_ORPHAN: Final = 0x0002
 
 
 # What Windows and vlmcs offer, and all kmsd acknowledges.
