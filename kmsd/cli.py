@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import __version__, config, logs
+from .build import build
 from .cliparser import Parser
 from .pipe import quiet_on_broken_pipe
 
@@ -70,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         "file and comma-separated in its variable.",
         epilog=f"commands (each has --help):\n{_command_list()}",
     )
-    p.add_argument("--version", action="version", version=f"kmsd {__version__}")
+    p.add_argument("--version", action="version", version=f"kmsd {__version__} ({build()})")
     config.add_options(p)
     return p
 

@@ -15,6 +15,7 @@ import structlog
 
 from . import __version__, config, logs, privileges, reload, systemd
 from .addresses import join_host_port
+from .build import build
 from .cache import RECORD_LIFETIME
 from .clock import FileClock, ShiftedClock
 from .dns.targets import Publications
@@ -131,6 +132,7 @@ async def serve(
     log.info(
         "kmsd ready",
         version=__version__,
+        build=build(),
         database=settings.table.path,
         hwid=host.identity.hwid.hex().upper(),
         strict=host.policy.strict,
