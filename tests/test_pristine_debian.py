@@ -288,8 +288,8 @@ def check_readme_setup(debian: Path) -> None:
     assert answer["response"]["count"] >= 1
 
     # The test command's install part: its venv must hold everything the suite imports.
-    *install, pytest_run = readme.split_and(readme.command("test"))
-    assert pytest_run == ".venv/bin/python -m pytest"
+    *install, pytest_run, compiled_run = readme.split_and(readme.command("test"))
+    assert (pytest_run, compiled_run) == (".venv/bin/python -m pytest", "sh tests/compiled.sh")
     in_root(debian, " && ".join(install), "test command: install (apt-get, venv, pip)")
     in_root(debian, ".venv/bin/python -m pytest --collect-only -q", "test suite: collect")
 
