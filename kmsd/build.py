@@ -8,7 +8,7 @@ typed Python either way: the interpreted build is the reference, the tests run o
 imports only the standard library).
 
 Modules left out, and why (mypyc 2.4): logs (method aliases made in one assignment), limits
-(a generic dataclass with slots), protocol.crypto (a class defined under an `if`),
+(a generic dataclass fails at import), protocol.crypto (a class defined under an `if`),
 protocol.errors (kmsclient subclasses its exceptions in interpreted code), rules and config
 (an import cycle through host that crashes a compiled import).
 """
