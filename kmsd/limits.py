@@ -6,7 +6,6 @@ from __future__ import annotations
 import ipaddress
 import socket
 from collections.abc import Hashable, Iterator
-from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Generic, TypeVar
 
@@ -53,7 +52,6 @@ class _Source(Generic[C]):
         self.refilled = refilled
 
 
-@dataclass
 class Admission(Generic[C]):
     """Connection admission and request rate, per source address (an IPv6 /64 counting
     as one address: see source_of).
@@ -63,22 +61,27 @@ class Admission(Generic[C]):
     one that has waited longest without a request, else the one idle longest. So idle
     connections cannot lock real clients out, and one address's churn only displaces
     its own. State is kept only for addresses with an open connection, so it is bounded by
-    `max_connections`.
+    `max_connections`. (A plain class, not a dataclass: mypyc compiles a generic class,
+    not a generic dataclass.)
     """
 
-    max_connections: int
-    max_per_ip: int
-    allow: tuple[Network, ...]
-    rate_per_ip: float  # requests per second per address; 0: unlimited
-    _sources: dict[str, _Source[C]] = field(default_factory=dict)
-    # connections -> addresses with that many, in the order they came to have it
-    _by_count: dict[int, dict[str, None]] = field(default_factory=dict)
-    _most: int = 0  # connections of the address with the most
-    _total: int = 0
-    _burst: float = field(init=False)  # requests an address may send at once
-
-    def __post_init__(self) -> None:
-        self._burst = max(1.0, 2 * self.rate_per_ip)
+    def __init__(
+        self,
+        max_connections: int,
+        max_per_ip: int,
+        allow: tuple[Network, ...],
+        rate_per_ip: float,  # requests per second per address; 0: unlimited
+    ) -> None:
+        self.max_connections = max_connections
+        self.max_per_ip = max_per_ip
+        self.allow = allow
+        self.rate_per_ip = rate_per_ip
+        self._burst = max(1.0, 2 * rate_per_ip)  # requests an address may send at once
+        self._sources: dict[str, _Source[C]] = {}
+        # connections -> addresses with that many, in the order they came to have it
+        self._by_count: dict[int, dict[str, None]] = {}
+        self._most = 0  # connections of the address with the most
+        self._total = 0
 
     def admit(
         self, address: str, conn: C, now: float, source_key: str | None = None
