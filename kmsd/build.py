@@ -7,8 +7,8 @@ typed Python either way: the interpreted build is the reference, the tests run o
 (README.md), fuzzing runs on the interpreted one. setup.py reads this file on its own (it
 imports only the standard library).
 
-Modules left out, and why (mypyc 2.4): logs (method aliases made in one assignment), limits
-(a generic dataclass fails at import), protocol.crypto (a class defined under an `if`),
+Modules left out, and why (mypyc 2.4): logs (method aliases made in one assignment),
+protocol.crypto (a class defined under an `if`),
 protocol.errors (kmsclient subclasses its exceptions in interpreted code), rules and config
 (an import cycle through host that crashes a compiled import).
 """
@@ -23,6 +23,7 @@ MYPYC_MODULES = (
     "kmsd.commit",
     "kmsd.host",
     "kmsd.journal",
+    "kmsd.limits",
     "kmsd.metrics",
     "kmsd.protocol.connection",
     "kmsd.protocol.constants",
