@@ -47,12 +47,15 @@ def _gf_mul(a: int, b: int) -> int:
 
 
 def _make_sbox() -> tuple[list[int], list[int]]:
+    # Multiplicative inverses from the powers of the generator 3: if x = 3^k, its inverse is
+    # 3^(255-k). One pass over 255 powers, not a search over 255 x 255 products.
+    power, powers = 1, []
+    for _ in range(255):
+        powers.append(power)
+        power = _gf_mul(power, 3)
     inverse = [0] * 256
-    for x in range(1, 256):
-        for y in range(1, 256):
-            if _gf_mul(x, y) == 1:
-                inverse[x] = y
-                break
+    for k, x in enumerate(powers):
+        inverse[x] = powers[-k]  # k = 0: x = 1, its own inverse (powers[0])
     sbox = [0] * 256
     for x in range(256):
         b = inverse[x]
