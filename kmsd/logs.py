@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
-import operator
 import os
 import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from json.encoder import encode_basestring_ascii as _json_string
 from typing import Any, TextIO
 
@@ -44,7 +42,8 @@ _level_name = "info"
 
 def set_level(level: str) -> None:
     """Change the least important level logged, for every logger, cached or not."""
-    global _level, _level_name
+    global _level, _level_name, _generation
+    _generation = object()
     _level = logging.getLevelNamesMapping()[level.upper()]
     for name, method in _level_methods(_level).items():
         setattr(_Logger, name, method)
@@ -55,11 +54,12 @@ def current_level() -> str:
     return _level_name
 
 
-_time = time.time
+_clock = time.time_ns
 _second: list[Any] = [-1, ""]  # the last second formatted, and its text
 
 
 def _second_text(second: int) -> str:
+    """The date and time of `second` since the epoch, "2026-11-29T02:55:38"."""
     if second != _second[0]:
         _second[:] = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
     text: str = _second[1]
@@ -67,14 +67,14 @@ def _second_text(second: int) -> str:
 
 
 def _now_text() -> str:
-    now = _time()
-    second = int(now)
-    return f"{_second_text(second)}.{int((now - second) * 1e6):06d}Z"
+    second, micro = divmod(_clock() // 1000, 1_000_000)
+    return f"{_second_text(second)}.{micro:06d}Z"
 
 
 def timestamp(_: object, __: str, event: structlog.typing.EventDict) -> structlog.typing.EventDict:
     """UTC ISO 8601 with microseconds, as TimeStamper(fmt="iso", utc=True) writes it, at a
-    tenth of its cost (the date and time are formatted once a second)."""
+    tenth of its cost (the date and time are formatted once a second). The microseconds
+    are datetime.now()'s: the system clock's nanoseconds, floored."""
     event["timestamp"] = _now_text()
     return event
 
@@ -124,10 +124,9 @@ def flush_suppressed() -> None:
 
 Fields = Mapping[str, str | int]
 Value = str | int
-_MEMO_SIZE = 1024  # rendered values kept (workstation names, products, addresses, counts)
 
 
-def _console_value(value: Value) -> str:
+def _console_value(value: object) -> str:
     """A value as inert_values and plain_console write it."""
     if type(value) is str:
         if not value.isprintable():
@@ -136,95 +135,44 @@ def _console_value(value: Value) -> str:
     return repr(value)
 
 
-def _json_value(value: Value) -> str:
-    return _json_string(value) if type(value) is str else json.dumps(value)
+def _json_value(value: object) -> str:
+    """A value as JSONRenderer writes it."""
+    return json.dumps(value)
 
 
-def _literal(text: str) -> str:
-    return text.replace("%", "%%")
+# A line is laid out as a plan of literal text (str), the time (None: the date, the time
+# and a dot; then the microseconds), and fields: the index of a value among the keys and
+# the text written before it (" key=", '"key": ').
+Plan = list[str | tuple[int, str] | None]
 
 
-@dataclass(frozen=True, slots=True)
-class _Layout:
-    """A line of one event with one set of keys: the values (given in the keys' order)
-    in the line's order, and the line as a %-template whose first (or, `time_last`, last)
-    two fields are the time's second and microseconds."""
-
-    order: Callable[[Sequence[Any]], Sequence[Any]]
-    template: str
-    time_last: bool = False
-
-
-def _reorder(keys: Sequence[str], order: Sequence[str]) -> Callable[[Sequence[Any]], Any]:
-    if list(keys) == list(order):
-        return lambda shown: shown
-    picks = [keys.index(key) for key in order]
-    return operator.itemgetter(*picks) if len(picks) > 1 else lambda shown: (shown[picks[0]],)
-
-
-def _console_layout(event: str, level: str, keys: tuple[str, ...]) -> _Layout:
+def _console_plan(event: str, level: str, keys: tuple[str, ...]) -> Plan:
     order = sorted(keys)
     name = event if event.isprintable() else inert(event)
     head = f"[{level:<9}] {name:<30}" if order else f"[{level:<9}] {name}".rstrip(" ")
-    pairs = "".join(f" {_literal(key)}=%s" for key in order)
-    return _Layout(_reorder(keys, order), "%s.%06dZ " + _literal(head) + pairs)
+    return [None, f"Z {head}", *[(keys.index(key), f" {key}=") for key in order], "\n"]
 
 
-def _json_layout(event: str, level: str, keys: tuple[str, ...]) -> _Layout:
-    pairs = "".join(f"{_literal(_json_string(key))}: %s, " for key in keys)
-    tail = f'"event": {_json_string(event)}, "level": {_json_string(level)}, "timestamp": '
-    return _Layout(_reorder(keys, keys), "{" + pairs + _literal(tail) + '"%s.%06dZ"}', True)
+def _json_plan(event: str, level: str, keys: tuple[str, ...]) -> Plan:
+    tail = f'"event": {_json_string(event)}, "level": {_json_string(level)}, "timestamp": "'
+    fields = [(index, f"{_json_string(key)}: ") for index, key in enumerate(keys)]
+    return ["{", *fields, tail, None, 'Z"}\n']
 
 
-class _FlatRenderer:
-    """Renders a flat event (every value a str or an int, never a bool) in one format.
-
-    What costs is done once: per event and set of keys, their order and the line's
-    template (_Layout); per distinct value (a workstation name, a product, a count), its
-    rendering, kept in a bounded memo. A line is then a C-level pass over the values and
-    one %-format.
-    """
-
-    def __init__(
-        self, layout: Callable[[str, str, tuple[str, ...]], _Layout], value: Callable[[Any], str]
-    ) -> None:
-        self._make_layout = layout
-        self._render_value = value
-        self._layouts: dict[tuple[str, str, tuple[str, ...]], _Layout] = {}
-        self._memo: dict[Value, str] = {}
-
-    def layout(self, event: str, level: str, keys: tuple[str, ...]) -> _Layout:
-        key = (event, level, keys)
-        layout = self._layouts.get(key)
-        if layout is None:
-            layout = self._layouts[key] = self._make_layout(event, level, keys)
-        return layout
-
-    def line(self, layout: _Layout, values: Sequence[Value]) -> str:
-        memo = self._memo
-        shown = list(map(memo.get, values))
-        if None in shown:
-            if len(memo) > _MEMO_SIZE:
-                memo.clear()
-            for i, value in enumerate(values):
-                if shown[i] is None:
-                    shown[i] = memo[value] = self._render_value(value)
-        now = _time()
-        second = int(now)
-        stamp = _second if second == _second[0] else (second, _second_text(second))
-        micro = int((now - second) * 1e6)
-        if layout.time_last:
-            return layout.template % (*layout.order(shown), stamp[1], micro)
-        return layout.template % (stamp[1], micro, *layout.order(shown))
-
-    def __call__(self, event: str, fields: Fields, level: str = "info") -> str:
-        return self.line(self.layout(event, level, tuple(fields)), tuple(fields.values()))
-
-
-console_line = _FlatRenderer(_console_layout, _console_value)
-"""What inert_values and plain_console make of a flat event."""
-json_line = _FlatRenderer(_json_layout, _json_value)
-"""What JSONRenderer makes of a flat event."""
+# How each format writes the field of a value {v} after its label {L}, in generated code:
+# the usual values (a str with nothing to escape or quote, an int) inline, others by the
+# function.
+_CONSOLE_FIELD = (
+    "{L} + ({v} if type({v}) is str and {v}.isprintable() and ' ' not in {v} and '=' not in {v}"
+    """ and '"' not in {v} and "'" not in {v} else repr({v}) if type({v}) is int else"""
+    " _console_value({v}))"
+)
+_JSON_FIELD = (
+    "{L} + (_json_string({v}) if type({v}) is str else repr({v}) if type({v}) is int"
+    ' else _json_value({v})) + ", "'
+)
+_MISSING = object()
+_DIGITS = tuple(f"{n:03d}" for n in range(1000))
 
 
 class LineWriter:
@@ -234,34 +182,184 @@ class LineWriter:
     would). A lock keeps the lines of several threads whole."""
 
     def __init__(self, file: TextIO) -> None:
-        self._file = file
+        self.file = file
         try:
-            self._fd = file.fileno()
+            self.fd = file.fileno()
         except (AttributeError, OSError, ValueError):
-            self._fd = -1
-        self._encoding = getattr(file, "encoding", None) or "utf-8"
-        self._errors = getattr(file, "errors", None) or "strict"
-        self._lock = threading.Lock()
+            self.fd = -1
+        self.encoding = getattr(file, "encoding", None) or "utf-8"
+        self.errors = getattr(file, "errors", None) or "strict"
+        self.lock = threading.Lock()
+
+    def write(self, line: str) -> None:
+        """Write `line`, which ends with its line break."""
+        with self.lock:
+            if self.fd < 0:
+                self.file.write(line)
+                self.file.flush()
+                return
+            data = line.encode(self.encoding, self.errors)
+            while data:
+                data = data[os.write(self.fd, data) :]
 
     def msg(self, message: str) -> None:
-        line = message + "\n"
-        with self._lock:
-            if self._fd < 0:
-                self._file.write(line)
-                self._file.flush()
-                return
-            data = line.encode(self._encoding, self._errors)
-            while data:
-                data = data[os.write(self._fd, data) :]
+        self.write(message + "\n")
 
     log = debug = info = warn = warning = err = error = critical = exception = fatal = msg
     failure = msg
 
 
-# The fast renderer of the configured format (None: structlog's chain, e.g. for a terminal)
-# and the writer of every log line.
+class _FlatRenderer:
+    """Renders a flat event (every value a str or an int, never a bool) in one format.
+
+    For each event and set of keys it generates the code of the line, as namedtuple and
+    dataclasses generate theirs: the literal text in place, each value written inline in
+    the usual cases, one f-string. Only names made here appear in that source; keys,
+    events and values are data (literals as their repr, values as arguments).
+
+    An emitter (the code of an Event) also keeps each key's last value and its field
+    (products, counts and versions repeat from line to line) and the date and time to the
+    second, and writes the line itself, under the writer's lock.
+    """
+
+    def __init__(self, plan: Callable[[str, str, tuple[str, ...]], Plan], field: str) -> None:
+        self._plan = plan
+        self._field = field
+        self._lines: dict[tuple[str, str, tuple[str, ...]], Callable[..., str]] = {}
+
+    def __call__(self, event: str, fields: Fields, level: str = "info") -> str:
+        """The line of `event` with `fields`, with its line break."""
+        key = (event, level, tuple(fields))
+        line = self._lines.get(key)
+        if line is None:
+            line = self._lines[key] = self._line(self._plan(*key))
+        return line(*fields.values())
+
+    def _fields(self, plan: Plan, optional: int, cached: bool) -> tuple[list[str], str]:
+        """The statements that make the fields r0, r1... of the values v0, v1... (with
+        `cached`, only of those that changed since the last line; a value among the last
+        `optional` ones may be None, which leaves its field out), and the f-string of the
+        line."""
+        count = sum(type(part) is tuple for part in plan)
+        code: list[str] = []
+        text: list[str] = []
+        for part in plan:
+            if part is None:
+                text.append('f"{second}{_DIGITS[micro // 1000]}{_DIGITS[micro % 1000]}"')
+                continue
+            if type(part) is str:
+                text.append(repr(part))
+                continue
+            assert isinstance(part, tuple)
+            index, label = part
+            value = self._field.format(L=repr(label), v=f"v{index}")
+            if index >= count - optional:
+                value = f'"" if v{index} is None else {value}'
+            text.append(f'f"{{r{index}}}"')
+            if not cached:
+                code.append(f"r{index} = {value}")
+                continue
+            code += [
+                f"if v{index} is not l{index}:",
+                f"    if v{index} != l{index} or type(v{index}) is not type(l{index}):",
+                f"        r{index} = {value}",
+                f"    l{index} = v{index}",
+            ]
+        return code, " ".join(text)
+
+    def _line(self, plan: Plan) -> Callable[..., str]:
+        code, text = self._fields(plan, 0, False)
+        count = sum(type(part) is tuple for part in plan)
+        source = [
+            "def make():",
+            f"    def line({_parameters(count)}):",
+            "        seconds, micro = divmod(_clock() // 1000, 1000000)",
+            '        second = _second_text(seconds) + "."',
+            *(f"        {line}" for line in code),
+            f"        return {text}",
+            "    return line",
+        ]
+        return _generated(source)()  # type: ignore[no-any-return]
+
+    def emitter(
+        self, event: str, keys: tuple[str, ...], optional: int, writer: LineWriter, event_: Event
+    ) -> Callable[..., None]:
+        """The code of `event_`: write the info line of `event` with values for `keys`
+        (in their order; the last `optional` may be None) to `writer`, as long as the
+        configuration stays; after a change, `event_` takes the call and makes new code."""
+        plan = self._plan(event, "info", keys)
+        code, text = self._fields(plan, optional, True)
+        count = len(keys)
+        state = ["base", "second"] + [f"{name}{index}" for name in "lr" for index in range(count)]
+        write = (
+            [
+                "data = line.encode(encoding, errors)",
+                "while data:",
+                "    data = data[write(fd, data):]",
+            ]
+            if writer.fd >= 0
+            else ["out.write(line)", "out.flush()"]
+        )
+        source = [
+            "def make(event, generation, acquire, release, write, fd, encoding, errors, out):",
+            "    base = -2000000  # the first microsecond of the second in `second`",
+            '    second = ""',
+            *(f"    l{index} = _MISSING" for index in range(count)),
+            *(f'    r{index} = ""' for index in range(count)),
+            f"    def emit({_parameters(count)}):",
+            f"        nonlocal {', '.join(state)}",
+            "        if _generation is not generation:",
+            f"            return event.changed({', '.join(f'v{index}' for index in range(count))})",
+            "        acquire()",
+            "        try:",
+            "            micro = _clock() // 1000 - base",
+            "            if not 0 <= micro < 1000000:",
+            "                micro += base",
+            "                base = micro - micro % 1000000",
+            '                second = _second_text(base // 1000000) + "."',
+            "                micro -= base",
+            *(f"            {line}" for line in code),
+            f"            line = {text}",
+            *(f"            {line}" for line in write),
+            "        finally:",
+            "            release()",
+            "    return emit",
+        ]
+        lock = writer.lock
+        return _generated(source)(  # type: ignore[no-any-return]
+            event_,
+            _generation,
+            lock.acquire,
+            lock.release,
+            os.write,
+            writer.fd,
+            writer.encoding,
+            writer.errors,
+            writer.file,
+        )
+
+
+def _parameters(count: int) -> str:
+    return ", ".join([*(f"v{index}" for index in range(count)), "/"]) if count else ""
+
+
+def _generated(source: list[str]) -> Callable[..., Any]:
+    """The function `make` of `source`, with this module's globals."""
+    made: dict[str, Any] = {}
+    exec("\n".join(source), globals(), made)  # no text from outside in it
+    return made["make"]  # type: ignore[no-any-return]
+
+
+console_line = _FlatRenderer(_console_plan, _CONSOLE_FIELD)
+"""What inert_values and plain_console make of a flat event (with the line break)."""
+json_line = _FlatRenderer(_json_plan, _JSON_FIELD)
+"""What JSONRenderer makes of a flat event (with the line break)."""
+
+# The fast renderer of the configured format (None: structlog's chain, e.g. for a terminal),
+# the writer of every log line, and a token that configure() and set_level() replace.
 _render: _FlatRenderer | None = None
 _writer = LineWriter(sys.stderr)
+_generation = object()
 
 
 def info(logger: Any, event: str, fields: Fields) -> None:
@@ -272,36 +370,47 @@ def info(logger: Any, event: str, fields: Fields) -> None:
     if _render is None:
         logger.info(event, **fields)
     else:
-        _writer.msg(_render(event, fields))
+        _writer.write(_render(event, fields))
 
 
 class Event:
-    """An event logged often with the same keys (the activation line), bound once:
-    `event(*values, **more)` is `info(logger, name, dict(zip(keys, values)) | more)`,
-    without building the dict or looking the layout up each time."""
+    """An info event logged often with the same keys (the activation line), bound once:
+    `event.emit(*values)` is `info(logger, name, fields)` with the fields of `keys` and
+    `optional` (in that order) whose values are not None, in code generated for the
+    configured format. Values are str or int (not bool), and equal values of one type
+    render alike (a key's last value and its text are kept)."""
 
-    __slots__ = ("_keys", "_layout", "_logger", "_name", "_renderer")
+    __slots__ = ("_keys", "_logger", "_name", "_optional", "emit")
 
-    def __init__(self, logger: Any, name: str, keys: Sequence[str]) -> None:
+    def __init__(
+        self, logger: Any, name: str, keys: Sequence[str], optional: Sequence[str] = ()
+    ) -> None:
+        every = (*keys, *optional)
+        if len(set(every)) != len(every) or (optional and not keys):
+            # (with every field left out, the console line would be laid out otherwise)
+            raise ValueError(f"keys must be distinct, and one at least not optional: {every}")
         self._logger = logger
         self._name = name
-        self._keys = tuple(keys)
-        self._renderer: _FlatRenderer | None = None
-        self._layout: _Layout | None = None
+        self._keys = every
+        self._optional = len(optional)
+        self.emit: Callable[..., None] = self.changed
 
-    def __call__(self, *values: Value, **more: Value) -> None:
+    def changed(self, *values: Value | None) -> None:
+        """The first call after the configuration changed: new code for it, then the call."""
         renderer = _render
-        if more or renderer is None or _level > logging.INFO:
-            info(self._logger, self._name, dict(zip(self._keys, values, strict=True)) | more)
+        if renderer is None or _level > logging.INFO:
+            fields = dict(zip(self._keys, values, strict=True))
+            for key in self._keys[len(self._keys) - self._optional :]:
+                if fields[key] is None:
+                    del fields[key]
+            info(self._logger, self._name, fields)  # type: ignore[arg-type]
             return
-        if renderer is not self._renderer or self._layout is None:
-            self._renderer = renderer
-            self._layout = renderer.layout(self._name, "info", self._keys)
-        _writer.msg(renderer.line(self._layout, values))
+        self.emit = renderer.emitter(self._name, self._keys, self._optional, _writer, self)
+        self.emit(*values)
 
 
 def configure(fmt: str = "console", level: str = "info") -> None:
-    global _render, _writer
+    global _render, _writer, _generation
     set_level(level)
     renderers: list[structlog.typing.Processor]
     if fmt == "json":
@@ -314,6 +423,7 @@ def configure(fmt: str = "console", level: str = "info") -> None:
         renderers = [inert_values, plain_console]
         _render = console_line
     _writer = LineWriter(sys.stderr)
+    _generation = object()
     structlog.configure(
         processors=[
             # first: a suppressed line costs nothing more; it passes info lines, which

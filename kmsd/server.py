@@ -49,6 +49,7 @@ _activation = logs.Event(
         "count",
         "required",
     ),
+    ("kms_id", "below_threshold", "rule"),
 )
 
 _INFO = ("debug", "info")  # the levels that log activations
@@ -471,18 +472,7 @@ class _KmsProtocol(asyncio.Protocol):
         request = activation.request
         protocol = f"{request.major}.{request.minor}"
         if logs.current_level() in _INFO:  # not even the fields when nobody reads them
-            more: dict[str, str | int] = {}
-            if not activation.known:
-                more["kms_id"] = f"unknown {guid_text(request.kms_id)}"
-            if activation.count < request.required_count:
-                more["below_threshold"] = (
-                    f"count {activation.count} of {request.required_count}: not activated "
-                    f"yet; a small lab can start kmsd with --precharge "
-                    f"{request.required_count - 1}"
-                )
-            if rule is not None:
-                more["rule"] = rule.name
-            _activation(
+            _activation.emit(
                 self.peer,
                 request.cmid_text,
                 request.workstation,
@@ -492,7 +482,12 @@ class _KmsProtocol(asyncio.Protocol):
                 "NDR64" if call.ndr64 else "NDR32",
                 activation.count,
                 request.required_count,
-                **more,
+                None if activation.known else f"unknown {guid_text(request.kms_id)}",
+                None
+                if activation.count >= request.required_count
+                else f"count {activation.count} of {request.required_count}: not activated "
+                f"yet; a small lab can start kmsd with --precharge {request.required_count - 1}",
+                None if rule is None else rule.name,
             )
         server.metrics.activation(
             activation.application,

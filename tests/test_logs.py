@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -121,15 +122,24 @@ FIXED_CASES = [
 ]
 
 
-def _lines(fmt: str, emit: Callable[[Any], None], monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """What `emit(logger)` writes with kmsd's logging configured as `fmt` (not a terminal)
-    at a fixed time."""
-    out = io.StringIO()
-    monkeypatch.setattr(sys, "stderr", out)
-    monkeypatch.setattr(logs, "_time", lambda: 1_764_640_000.123456)
-    logs.configure(fmt, "info")
-    emit(structlog.get_logger("test"))
-    return out.getvalue().splitlines()
+NOW = 1_764_640_000_123_456_789  # ns since the epoch
+
+
+def _lines(
+    fmt: str,
+    emit: Callable[[Any], None],
+    monkeypatch: pytest.MonkeyPatch,
+    clock: Callable[[], int] = lambda: NOW,
+) -> list[str]:
+    """What `emit(logger)` writes with kmsd's logging configured as `fmt` to a file (not a
+    terminal), at the times `clock` gives."""
+    with tempfile.TemporaryFile("w+", encoding="utf-8", errors="backslashreplace") as out:
+        monkeypatch.setattr(sys, "stderr", out)
+        monkeypatch.setattr(logs, "_clock", clock)
+        logs.configure(fmt, "info")
+        emit(structlog.get_logger("test"))
+        out.seek(0)
+        return out.read().splitlines()
 
 
 def _assert_fast_is_structlog(
@@ -137,7 +147,7 @@ def _assert_fast_is_structlog(
 ) -> None:
     reference = _lines(fmt, lambda log: log.info(event, **fields), monkeypatch)
     fast = _lines(fmt, lambda log: logs.info(log, event, fields), monkeypatch)
-    bound = logs.Event(None, event, tuple(fields))
+    bound = logs.Event(None, event, tuple(fields)).emit
     prebound = _lines(fmt, lambda log: bound(*fields.values()), monkeypatch)
     assert fast == reference and prebound == reference and len(reference) == 1
 
@@ -150,8 +160,20 @@ def test_fast_lines_are_byte_for_byte_structlog_lines(
     _assert_fast_is_structlog(fmt, event, fields, monkeypatch)
 
 
-def test_hostile_workstation_is_inert_in_the_console_line(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_file_without_a_descriptor_gets_the_same_lines(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A test's capture (no fileno): written through the text layer, the same lines."""
     bound = logs.Event(None, "activation", ACTIVATION_KEYS)
+    for fmt in ("console", "json"):
+        expected = _lines(fmt, lambda log: bound.emit(*ACTIVATION), monkeypatch)
+        out = io.StringIO()
+        monkeypatch.setattr(sys, "stderr", out)
+        logs.configure(fmt, "info")
+        bound.emit(*ACTIVATION)
+        assert out.getvalue().splitlines() == expected
+
+
+def test_hostile_workstation_is_inert_in_the_console_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    bound = logs.Event(None, "activation", ACTIVATION_KEYS).emit
     values = (*ACTIVATION[:2], HOSTILE, *ACTIVATION[3:])
     (line,) = _lines("console", lambda log: bound(*values), monkeypatch)
     assert "workstation=pc\\x1b[1A\\x1b[2K\\x9b31m\\u202egpj.exe\\u2066x\\x7f\\u2028y" in line
@@ -160,17 +182,69 @@ def test_hostile_workstation_is_inert_in_the_console_line(monkeypatch: pytest.Mo
     assert json.loads(line)["workstation"] == HOSTILE  # JSON keeps it exact
 
 
-def test_extra_keys_of_a_bound_event_keep_their_place(monkeypatch: pytest.MonkeyPatch) -> None:
-    bound = logs.Event(None, "activation", ACTIVATION_KEYS)
-    (line,) = _lines("json", lambda log: bound(*ACTIVATION, kms_id="unknown x"), monkeypatch)
-    assert list(json.loads(line)) == [*ACTIVATION_KEYS, "kms_id", "event", "level", "timestamp"]
+OPTIONAL = ("kms_id", "below_threshold", "rule")
+
+
+def test_optional_keys_follow_in_their_order_when_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    bound = logs.Event(None, "activation", ACTIVATION_KEYS, OPTIONAL).emit
+    (line,) = _lines("json", lambda log: bound(*ACTIVATION, "unknown x", None, "r"), monkeypatch)
+    keys = [*ACTIVATION_KEYS, "kms_id", "rule", "event", "level", "timestamp"]
+    assert list(json.loads(line)) == keys
+
+
+def _same_text(text: str) -> str:
+    """An equal str that is another object (as a request's version string is each time)."""
+    return "".join(list(text))
+
+
+# One event logged line after line: values that repeat (the same object or an equal one),
+# change, change type ("3" after 3), come back; optional keys come and go; hostile text.
+SEQUENCE = [
+    (*ACTIVATION, None, None, None),
+    (*ACTIVATION, None, None, None),
+    (*map(_same_text, ACTIVATION[:7]), 3, 25, None, None, None),
+    ("[::1]:50124", *ACTIVATION[1:], "unknown 8a4b", None, "lab rule"),
+    (ACTIVATION[0], ACTIVATION[1], HOSTILE, *ACTIVATION[3:7], "3", 25, None, "count 3 of 25", None),
+    (ACTIVATION[0], ACTIVATION[1], HOSTILE, *ACTIVATION[3:7], 3, 25, None, "count 3 of 25", None),
+    (*ACTIVATION[:4], "Office LTSC 2021", *ACTIVATION[5:], None, None, "lab rule"),
+    (*ACTIVATION, "", " ", "="),
+    (*ACTIVATION, None, None, None),
+]
+# ns: within a second, the next second, the clock stepped back, and forward again
+TIMES = [NOW, NOW + 1_000, NOW + 876_543_210, NOW + 877_000_000, NOW - 5 * 10**9, NOW, NOW]
+
+
+@pytest.mark.parametrize("fmt", ["console", "json"])
+def test_a_bound_event_line_after_line_is_structlog_line_after_line(
+    fmt: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    keys = (*ACTIVATION_KEYS, *OPTIONAL)
+
+    def reference(log: Any) -> None:
+        for values in SEQUENCE:
+            log.info(
+                "activation", **{k: v for k, v in zip(keys, values, strict=True) if v is not None}
+            )
+
+    def clock() -> Callable[[], int]:
+        return iter(TIMES + [NOW + i for i in range(len(SEQUENCE))]).__next__
+
+    bound = logs.Event(None, "activation", ACTIVATION_KEYS, OPTIONAL)
+    expected = _lines(fmt, reference, monkeypatch, clock())
+
+    def fast(log: Any) -> None:
+        for values in SEQUENCE:
+            bound.emit(*values)
+
+    assert _lines(fmt, fast, monkeypatch, clock()) == expected
+    assert len(expected) == len(SEQUENCE)
 
 
 def test_below_the_level_nothing_is_written(monkeypatch: pytest.MonkeyPatch) -> None:
     out = io.StringIO()
     monkeypatch.setattr(sys, "stderr", out)
     logs.configure("console", "warning")
-    logs.Event(None, "activation", ACTIVATION_KEYS)(*ACTIVATION)
+    logs.Event(None, "activation", ACTIVATION_KEYS).emit(*ACTIVATION)
     logs.info(None, "activation", {"count": 1})
     assert out.getvalue() == ""
     logs.configure("console", "info")
