@@ -133,13 +133,18 @@ def _lines(
 ) -> list[str]:
     """What `emit(logger)` writes with kmsd's logging configured as `fmt` to a file (not a
     terminal), at the times `clock` gives."""
-    with tempfile.TemporaryFile("w+", encoding="utf-8", errors="backslashreplace") as out:
-        monkeypatch.setattr(sys, "stderr", out)
-        monkeypatch.setattr(logs, "_clock", clock)
-        logs.configure(fmt, "info")
-        emit(structlog.get_logger("test"))
-        out.seek(0)
-        return out.read().splitlines()
+    # left open: loggers cached on first use keep writing to it after the test
+    out = tempfile.TemporaryFile("w+", encoding="utf-8", errors="backslashreplace")  # noqa: SIM115
+    _KEPT.append(out)
+    monkeypatch.setattr(sys, "stderr", out)
+    monkeypatch.setattr(logs, "_clock", clock)
+    logs.configure(fmt, "info")
+    emit(structlog.get_logger("test"))
+    out.seek(0)
+    return out.read().splitlines()
+
+
+_KEPT: list[Any] = []
 
 
 def _assert_fast_is_structlog(
