@@ -377,8 +377,9 @@ class SqliteStore:
         for app, capacity, low in self.db.execute(
             "SELECT application, capacity, low_seq FROM apps"
         ):
-            capacities[UUID(app).bytes_le] = capacity
-            written[UUID(app).bytes_le] = _Written(capacity, low)
+            app_id = UUID(app).bytes_le
+            capacities[app_id] = capacity
+            written[app_id] = _Written(capacity, low)
         records: dict[bytes, list[tuple[bytes, float]]] = {app: [] for app in capacities}
         applications: dict[str, bytes] = {}
         for app, client, recorded_at, seq in self.db.execute(

@@ -491,8 +491,7 @@ _SHA256_BLOCK = 64
 
 def v6_mac(request_time: int, data: bytes) -> bytes:
     """The V6 HMAC: the last 16 bytes of HMAC-SHA256(v6_hmac_key(request_time), data)."""
-    # _slot(request_time), inline: a call costs more than the arithmetic
-    inner, outer = _keyed_sha256(((request_time // C1) * C2 + C3) & 0xFFFFFFFFFFFFFFFF)
+    inner, outer = _keyed_sha256(_slot(request_time))
     inner = inner.copy()
     inner.update(data)
     outer = outer.copy()

@@ -271,20 +271,8 @@ class Response:
 
     def encode(self) -> bytes:
         hint = len(self.stub) if self.alloc_hint is None else self.alloc_hint
-        return (
-            RESPONSE_HEAD.pack(
-                *RPC_VERSION,
-                PType.RESPONSE,
-                self.flags,
-                DREP_LE,
-                RESPONSE_HEAD.size + len(self.stub),
-                0,
-                self.call_id,
-                hint,
-                self.context_id,
-                self.cancel_count,
-            )
-            + self.stub
+        return response_pdu(
+            self.call_id, self.context_id, self.stub, self.flags, hint, self.cancel_count
         )
 
 
@@ -293,22 +281,30 @@ _RESPONSE = int(PType.RESPONSE)  # a plain int: an enum member costs a class loo
 _RESPONSE_SIZE = RESPONSE_HEAD.size
 
 
-def response_pdu(call_id: int, context_id: int, stub: bytes) -> bytes:
-    """`Response(call_id, context_id, stub).encode()` without the object: every reply."""
+def response_pdu(
+    call_id: int,
+    context_id: int,
+    stub: bytes,
+    flags: int = WHOLE,
+    alloc_hint: int = -1,
+    cancel_count: int = 0,
+) -> bytes:
+    """The bytes of a response PDU, the one layout of Response.encode; called without the
+    object for every reply (`alloc_hint` -1: the stub's length)."""
     n = len(stub)
     return (
         RESPONSE_HEAD.pack(
             _MAJOR,
             _MINOR,
             _RESPONSE,
-            WHOLE,
+            flags,
             DREP_LE,
             _RESPONSE_SIZE + n,
             0,
             call_id,
-            n,
+            n if alloc_hint < 0 else alloc_hint,
             context_id,
-            0,
+            cancel_count,
         )
         + stub
     )
