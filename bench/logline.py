@@ -2,7 +2,7 @@
 """Instructions per activation log line, in process, under callgrind.
 
 The loop below does what kmsd's server does for each activation at info level (the
-`if logs.current_level() in _INFO` block of kmsd/server.py: the optional fields, then
+`if logs.info_enabled` block of kmsd/server.py: the optional fields, then
 the bound `activation` event), with a distinct client address, machine ID and workstation
 name on every line and a full table (count 50 of 25; with --below, counts below the
 threshold, so every line has a below_threshold field), as a busy host sees them. The lines
@@ -56,7 +56,7 @@ def inner(fmt: str, level: str, lines: int, log: bool, out: str, below: bool) ->
             count = 1 + i % 24 if below else 50  # a full table: 2 x 25
             required = 25
             protocol = f"{6}.{0}"
-            if log and logs.current_level() in server._INFO:
+            if log and logs.info_enabled:
                 activation.emit(
                     client,
                     cmids[i],

@@ -7,6 +7,7 @@ processor chain below would write, at a small fraction of its cost.
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 import os
@@ -38,13 +39,16 @@ def _level_methods(level: int) -> dict[str, Any]:
 _Logger: type[Any] = type("KmsdLogger", (structlog.make_filtering_bound_logger(logging.INFO),), {})
 _level = logging.INFO
 _level_name = "info"
+info_enabled = True
+"""Whether info lines are written (the level is info or debug): a test cheaper than a call."""
 
 
 def set_level(level: str) -> None:
     """Change the least important level logged, for every logger, cached or not."""
-    global _level, _level_name, _generation
+    global _level, _level_name, _generation, info_enabled
     _generation = object()
     _level = logging.getLevelNamesMapping()[level.upper()]
+    info_enabled = _level <= logging.INFO
     for name, method in _level_methods(_level).items():
         setattr(_Logger, name, method)
     _level_name = level
@@ -159,20 +163,35 @@ def _json_plan(event: str, level: str, keys: tuple[str, ...]) -> Plan:
     return ["{", *fields, tail, None, 'Z"}\n']
 
 
-# How each format writes the field of a value {v} after its label {L}, in generated code:
-# the usual values (a str with nothing to escape or quote, an int) inline, others by the
-# function.
-_CONSOLE_FIELD = (
-    "{L} + ({v} if type({v}) is str and {v}.isprintable() and ' ' not in {v} and '=' not in {v}"
+# How each format writes a value {v} in generated code: the usual values (a str with nothing
+# to escape or quote, an int) inline, others by the function; what follows each field; and
+# what surrounds a plain value (a str kmsd made, with nothing to escape or quote).
+_CONSOLE_VALUE = (
+    "({v} if type({v}) is str and {v}.isprintable() and ' ' not in {v} and '=' not in {v}"
     """ and '"' not in {v} and "'" not in {v} else repr({v}) if type({v}) is int else"""
     " _console_value({v}))"
 )
-_JSON_FIELD = (
-    "{L} + (_json_string({v}) if type({v}) is str else repr({v}) if type({v}) is int"
-    ' else _json_value({v})) + ", "'
+_JSON_VALUE = (
+    "(_json_string({v}) if type({v}) is str else repr({v}) if type({v}) is int"
+    " else _json_value({v}))"
 )
 _MISSING = object()
 _DIGITS = tuple(f"{n:03d}" for n in range(1000))
+_SECOND = 1_000_000_000  # ns
+
+
+def is_plain(text: str) -> bool:
+    """Whether `text` is written as it is in both formats (printable ASCII, nothing that
+    the console quotes or JSON escapes): what a value of an Event's `plain` keys must be."""
+    return text.isascii() and text.isprintable() and _UNPLAIN.isdisjoint(text)
+
+
+_UNPLAIN = frozenset(" =\"'\\")
+
+
+def plain(text: str) -> str:
+    """`text` with each character that `is_plain` refuses written "?"."""
+    return text if is_plain(text) else "".join(c if is_plain(c) else "?" for c in text)
 
 
 class LineWriter:
@@ -217,14 +236,22 @@ class _FlatRenderer:
     the usual cases, one f-string. Only names made here appear in that source; keys,
     events and values are data (literals as their repr, values as arguments).
 
-    An emitter (the code of an Event) also keeps each key's last value and its field
-    (products, counts and versions repeat from line to line) and the date and time to the
-    second, and writes the line itself, under the writer's lock.
+    An emitter (the code of an Event) also keeps the last values of the keys that repeat
+    from line to line (products, counts, versions) and their fields, and the date and time
+    to the second, and writes the line itself, under the writer's lock.
     """
 
-    def __init__(self, plan: Callable[[str, str, tuple[str, ...]], Plan], field: str) -> None:
+    def __init__(
+        self,
+        plan: Callable[[str, str, tuple[str, ...]], Plan],
+        value: str,
+        after: str,
+        plain: tuple[str, str],
+    ) -> None:
         self._plan = plan
-        self._field = field
+        self._value = value  # the expression of the text of {v}
+        self._after = after  # the text after each field
+        self._plain = plain  # the text before and after a plain value
         self._lines: dict[tuple[str, str, tuple[str, ...]], Callable[..., str]] = {}
 
     def __call__(self, event: str, fields: Fields, level: str = "info") -> str:
@@ -235,45 +262,64 @@ class _FlatRenderer:
             line = self._lines[key] = self._line(self._plan(*key))
         return line(*fields.values())
 
-    def _fields(self, plan: Plan, optional: int, cached: bool) -> tuple[list[str], str]:
-        """The statements that make the fields r0, r1... of the values v0, v1... (with
-        `cached`, only of those that changed since the last line; a value among the last
-        `optional` ones may be None, which leaves its field out), and the f-string of the
-        line."""
+    def _fields(
+        self,
+        plan: Plan,
+        optional: int = 0,
+        kept: frozenset[int] = frozenset(),
+        plain: frozenset[int] = frozenset(),
+    ) -> tuple[list[str], list[str], str]:
+        """The code of a line from the values v0, v1...: the statements that make the
+        fields r0, r1... of the values that change from line to line; those that make the
+        fields of the values that may repeat (the indexes `kept`: remade only when their
+        value changed since the last line, kept in l0, l1...); and the f-string of the line.
+        A value among the last `optional` may be None, which leaves its field out; one of
+        the indexes `plain` is written as it is."""
         count = sum(type(part) is tuple for part in plan)
-        code: list[str] = []
+        fresh: list[str] = []
+        again: list[str] = []
         text: list[str] = []
         for part in plan:
             if part is None:
-                text.append('f"{second}{_DIGITS[micro // 1000]}{_DIGITS[micro % 1000]}"')
+                text.append('f"{second}{_DIGITS[ns // 1000000]}{_DIGITS[ns // 1000 % 1000]}"')
                 continue
             if type(part) is str:
                 text.append(repr(part))
                 continue
             assert isinstance(part, tuple)
             index, label = part
-            value = self._field.format(L=repr(label), v=f"v{index}")
-            if index >= count - optional:
-                value = f'"" if v{index} is None else {value}'
-            text.append(f'f"{{r{index}}}"')
-            if not cached:
-                code.append(f"r{index} = {value}")
+            v = f"v{index}"
+            value = self._value.format(v=v)
+            if index >= count - optional:  # the label and what follows go with the value
+                if index in plain:
+                    value = _joined(self._plain[0], v, self._plain[1])
+                field = f'"" if {v} is None else ' + _joined(label, value, self._after)
+                text.append(f'f"{{r{index}}}"')
+            elif index in plain:
+                before, after = self._plain
+                text += [repr(label + before), f'f"{{{v}}}"', repr(after + self._after)]
                 continue
-            code += [
-                f"if v{index} is not l{index}:",
-                f"    if v{index} != l{index} or type(v{index}) is not type(l{index}):",
-                f"        r{index} = {value}",
-                f"    l{index} = v{index}",
+            else:
+                field = value
+                text += [repr(label), f'f"{{r{index}}}"', repr(self._after)]
+            if index not in kept:
+                fresh.append(f"r{index} = {field}")
+                continue
+            again += [
+                f"if {v} is not l{index}:",
+                f"    if {v} != l{index} or type({v}) is not type(l{index}):",
+                f"        r{index} = {field}",
+                f"    l{index} = {v}",
             ]
-        return code, " ".join(text)
+        return fresh, again, " ".join(text)
 
     def _line(self, plan: Plan) -> Callable[..., str]:
-        code, text = self._fields(plan, 0, False)
+        code, _, text = self._fields(plan)
         count = sum(type(part) is tuple for part in plan)
         source = [
             "def make():",
             f"    def line({_parameters(count)}):",
-            "        seconds, micro = divmod(_clock() // 1000, 1000000)",
+            "        seconds, ns = divmod(_clock(), _SECOND)",
             '        second = _second_text(seconds) + "."',
             *(f"        {line}" for line in code),
             f"        return {text}",
@@ -281,44 +327,54 @@ class _FlatRenderer:
         ]
         return _generated(source)()  # type: ignore[no-any-return]
 
-    def emitter(
-        self, event: str, keys: tuple[str, ...], optional: int, writer: LineWriter, event_: Event
-    ) -> Callable[..., None]:
-        """The code of `event_`: write the info line of `event` with values for `keys`
-        (in their order; the last `optional` may be None) to `writer`, as long as the
+    def emitter(self, event_: Event, writer: LineWriter) -> Callable[..., None]:
+        """The code of `event_`: write its info line to `writer`, as long as the
         configuration stays; after a change, `event_` takes the call and makes new code."""
-        plan = self._plan(event, "info", keys)
-        code, text = self._fields(plan, optional, True)
+        keys = event_.keys
+        plan = self._plan(event_.name, "info", keys)
         count = len(keys)
-        state = ["base", "second"] + [f"{name}{index}" for name in "lr" for index in range(count)]
-        write = (
-            [
-                "data = line.encode(encoding, errors)",
-                "while data:",
-                "    data = data[write(fd, data):]",
-            ]
-            if writer.fd >= 0
-            else ["out.write(line)", "out.flush()"]
-        )
+        kept = frozenset(range(count)) - event_.varying - event_.plain
+        fresh, again, text = self._fields(plan, event_.optional, kept, event_.plain)
+        names = [f"v{index}" for index in sorted(kept)]
+        state = ["base", "second", "last", *(f"{n}{i}" for n in "lr" for i in sorted(kept))]
+        slow = "data = line.encode(encoding, errors)"
+        encode = [slow]
+        if codecs.lookup(writer.encoding).name == "utf-8":  # the same bytes, or an error
+            encode = ["try:", "    data = line.encode()", "except ValueError:", f"    {slow}"]
+        write = ["out.write(line)", "out.flush()"]
+        if writer.fd >= 0:
+            write = [*encode, "sent = write(fd, data)", "if sent != len(data):"]
+            write.append("    _rest(fd, data[sent:])")  # (seldom: a pipe nearly full)
         source = [
             "def make(event, generation, acquire, release, write, fd, encoding, errors, out):",
-            "    base = -2000000  # the first microsecond of the second in `second`",
+            "    base = -2 * _SECOND  # the first ns of the second in `second`",
             '    second = ""',
-            *(f"    l{index} = _MISSING" for index in range(count)),
-            *(f'    r{index} = ""' for index in range(count)),
+            "    last = None  # the last values of the kept fields",
+            *(f"    l{index} = _MISSING" for index in sorted(kept)),
+            *(f'    r{index} = ""' for index in sorted(kept)),
             f"    def emit({_parameters(count)}):",
             f"        nonlocal {', '.join(state)}",
             "        if _generation is not generation:",
             f"            return event.changed({', '.join(f'v{index}' for index in range(count))})",
+            *(f"        {line}" for line in fresh),
             "        acquire()",
             "        try:",
-            "            micro = _clock() // 1000 - base",
-            "            if not 0 <= micro < 1000000:",
-            "                micro += base",
-            "                base = micro - micro % 1000000",
-            '                second = _second_text(base // 1000000) + "."',
-            "                micro -= base",
-            *(f"            {line}" for line in code),
+            "            ns = _clock() - base",
+            "            if not 0 <= ns < _SECOND:",
+            "                ns += base",
+            "                base = ns - ns % _SECOND",
+            '                second = _second_text(base // _SECOND) + "."',
+            "                ns -= base",
+            *(
+                [
+                    f"            values = ({', '.join(names)},)",
+                    "            if values != last:",
+                    "                last = values",
+                    *(f"                {line}" for line in again),
+                ]
+                if kept
+                else []
+            ),
             f"            line = {text}",
             *(f"            {line}" for line in write),
             "        finally:",
@@ -339,6 +395,21 @@ class _FlatRenderer:
         )
 
 
+def _joined(before: str, value: str, after: str) -> str:
+    """The expression of literal `before`, the expression `value`, literal `after`."""
+    parts = [repr(before)] if before else []
+    parts.append(value)
+    if after:
+        parts.append(repr(after))
+    return " + ".join(parts)
+
+
+def _rest(fd: int, data: bytes) -> None:
+    """Write what a first write() left of a line."""
+    while data:
+        data = data[os.write(fd, data) :]
+
+
 def _parameters(count: int) -> str:
     return ", ".join([*(f"v{index}" for index in range(count)), "/"]) if count else ""
 
@@ -350,9 +421,9 @@ def _generated(source: list[str]) -> Callable[..., Any]:
     return made["make"]  # type: ignore[no-any-return]
 
 
-console_line = _FlatRenderer(_console_plan, _CONSOLE_FIELD)
+console_line = _FlatRenderer(_console_plan, _CONSOLE_VALUE, "", ("", ""))
 """What inert_values and plain_console make of a flat event (with the line break)."""
-json_line = _FlatRenderer(_json_plan, _JSON_FIELD)
+json_line = _FlatRenderer(_json_plan, _JSON_VALUE, ", ", ('"', '"'))
 """What JSONRenderer makes of a flat event (with the line break)."""
 
 # The fast renderer of the configured format (None: structlog's chain, e.g. for a terminal),
@@ -378,34 +449,49 @@ class Event:
     `event.emit(*values)` is `info(logger, name, fields)` with the fields of `keys` and
     `optional` (in that order) whose values are not None, in code generated for the
     configured format. Values are str or int (not bool), and equal values of one type
-    render alike (a key's last value and its text are kept)."""
+    render alike (the last values of the keys that repeat, and their text, are kept).
 
-    __slots__ = ("_keys", "_logger", "_name", "_optional", "emit")
+    `varying`: keys whose value is new on most lines (not worth keeping); `plain`: keys
+    whose value kmsd makes itself and `is_plain` (a GUID's text, an address and port),
+    written as they are, without a look at each character."""
+
+    __slots__ = ("_logger", "emit", "keys", "name", "optional", "plain", "varying")
 
     def __init__(
-        self, logger: Any, name: str, keys: Sequence[str], optional: Sequence[str] = ()
+        self,
+        logger: Any,
+        name: str,
+        keys: Sequence[str],
+        optional: Sequence[str] = (),
+        *,
+        varying: Sequence[str] = (),
+        plain: Sequence[str] = (),
     ) -> None:
         every = (*keys, *optional)
         if len(set(every)) != len(every) or (optional and not keys):
             # (with every field left out, the console line would be laid out otherwise)
             raise ValueError(f"keys must be distinct, and one at least not optional: {every}")
+        if not {*varying, *plain} <= set(every):
+            raise ValueError(f"varying and plain keys must be among the keys: {every}")
         self._logger = logger
-        self._name = name
-        self._keys = every
-        self._optional = len(optional)
+        self.name = name
+        self.keys = every
+        self.optional = len(optional)
+        self.varying = frozenset(map(every.index, varying))
+        self.plain = frozenset(map(every.index, plain))
         self.emit: Callable[..., None] = self.changed
 
     def changed(self, *values: Value | None) -> None:
         """The first call after the configuration changed: new code for it, then the call."""
         renderer = _render
         if renderer is None or _level > logging.INFO:
-            fields = dict(zip(self._keys, values, strict=True))
-            for key in self._keys[len(self._keys) - self._optional :]:
+            fields = dict(zip(self.keys, values, strict=True))
+            for key in self.keys[len(self.keys) - self.optional :]:
                 if fields[key] is None:
                     del fields[key]
-            info(self._logger, self._name, fields)  # type: ignore[arg-type]
+            info(self._logger, self.name, fields)  # type: ignore[arg-type]
             return
-        self.emit = renderer.emitter(self._name, self._keys, self._optional, _writer, self)
+        self.emit = renderer.emitter(self, _writer)
         self.emit(*values)
 
 

@@ -35,6 +35,15 @@ from .protocol.rpc import BindNak, Fault
 from .rules import Rule, RuleSet
 
 log = structlog.get_logger("kmsd")
+
+
+def peer_text(address: str, port: int) -> str:
+    """How a client at `address` and `port` is named in logs and tables: plain text (the
+    activation line writes it as it is), whatever an interface is called."""
+    text = join_host_port(address, port)
+    return logs.plain(text) if "%" in address else text  # a link-local address's scope
+
+
 _activation = logs.Event(
     log,
     "activation",
@@ -50,9 +59,10 @@ _activation = logs.Event(
         "required",
     ),
     ("kms_id", "below_threshold", "rule"),
+    varying=("client", "cmid", "workstation"),
+    plain=("client", "cmid"),  # an address and port (see connection_made), a GUID's text
 )
 
-_INFO = ("debug", "info")  # the levels that log activations
 BACKLOG = 1024  # connections the kernel queues before kmsd accepts them
 DRAIN_SECONDS = 5.0  # how long a stop waits for replies still being committed
 MAX_TICK = 1.0  # seconds between two looks at the connections' idle and read deadlines
@@ -276,7 +286,7 @@ class _KmsProtocol(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if peer:
             address = self.address = peer[0]
-            self.peer = join_host_port(address, peer[1])
+            self.peer = peer_text(address, peer[1])
         loop = asyncio.get_running_loop()
         now = loop.time()
         source = self.source = source_of(self.address)
@@ -471,7 +481,7 @@ class _KmsProtocol(asyncio.Protocol):
             return
         request = activation.request
         protocol = f"{request.major}.{request.minor}"
-        if logs.current_level() in _INFO:  # not even the fields when nobody reads them
+        if logs.info_enabled:  # not even the fields when nobody reads them
             _activation.emit(
                 self.peer,
                 request.cmid_text,

@@ -219,9 +219,19 @@ SEQUENCE = [
 TIMES = [NOW, NOW + 1_000, NOW + 876_543_210, NOW + 877_000_000, NOW - 5 * 10**9, NOW, NOW]
 
 
+# How an Event may be told which keys change on every line and which are plain: none, the
+# server's own, every key varying.
+BINDINGS: list[dict[str, tuple[str, ...]]] = [
+    {},
+    {"varying": ("client", "cmid", "workstation"), "plain": ("client", "cmid")},
+    {"varying": (*ACTIVATION_KEYS, *OPTIONAL)},
+]
+
+
+@pytest.mark.parametrize("binding", BINDINGS)
 @pytest.mark.parametrize("fmt", ["console", "json"])
 def test_a_bound_event_line_after_line_is_structlog_line_after_line(
-    fmt: str, monkeypatch: pytest.MonkeyPatch
+    fmt: str, binding: dict[str, tuple[str, ...]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     keys = (*ACTIVATION_KEYS, *OPTIONAL)
 
@@ -234,7 +244,7 @@ def test_a_bound_event_line_after_line_is_structlog_line_after_line(
     def clock() -> Callable[[], int]:
         return iter(TIMES + [NOW + i for i in range(len(SEQUENCE))]).__next__
 
-    bound = logs.Event(None, "activation", ACTIVATION_KEYS, OPTIONAL)
+    bound = logs.Event(None, "activation", ACTIVATION_KEYS, OPTIONAL, **binding)
     expected = _lines(fmt, reference, monkeypatch, clock())
 
     def fast(log: Any) -> None:
@@ -245,10 +255,70 @@ def test_a_bound_event_line_after_line_is_structlog_line_after_line(
     assert len(expected) == len(SEQUENCE)
 
 
+def test_the_servers_activation_event_is_bound_as_the_test_above() -> None:
+    from kmsd.server import _activation
+
+    assert _activation.keys == (*ACTIVATION_KEYS, *OPTIONAL)
+    keys = _activation.keys
+    assert tuple(keys[i] for i in sorted(_activation.varying)) == BINDINGS[1]["varying"]
+    assert tuple(keys[i] for i in sorted(_activation.plain)) == BINDINGS[1]["plain"]
+
+
+def test_varying_and_plain_keys_must_be_keys() -> None:
+    with pytest.raises(ValueError, match="among the keys"):
+        logs.Event(None, "activation", ACTIVATION_KEYS, plain=("cmd",))
+    with pytest.raises(ValueError, match="among the keys"):
+        logs.Event(None, "activation", ACTIVATION_KEYS, varying=("kms_id",))
+
+
+PLAIN_CASES = [
+    ("127.0.0.1:50123", True),
+    ("[fe80::1%eth0]:50123", True),
+    ("0d7c3f6e-3a51-4a9a-9b8c-0a1b2c3d4e5f", True),
+    ("", True),
+    ("a b", False),
+    ("a=b", False),
+    ('a"b', False),
+    ("a'b", False),
+    ("a\\b", False),
+    ("pc\x1b[2K", False),
+    ("caf\u00e9", False),
+    ("\u202e", False),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), PLAIN_CASES)
+def test_plain_text_is_what_both_formats_write_as_it_is(text: str, expected: bool) -> None:
+    assert logs.is_plain(text) is expected
+    assert logs.is_plain(logs.plain(text))
+    assert (logs.plain(text) == text) is expected
+
+
+@settings(max_examples=300, derandomize=True)
+@given(text=texts)
+def test_plain_text_needs_no_quoting_or_escaping(text: str) -> None:
+    made = logs.plain(text)
+    assert len(made) == len(text) and logs.is_plain(made)
+    if logs.is_plain(text):
+        assert made == text
+        assert logs._console_value(text) == text
+        assert json.dumps(text) == f'"{text}"'
+
+
+def test_a_scoped_peer_is_named_in_plain_text() -> None:
+    from kmsd.server import peer_text
+
+    assert peer_text("127.0.0.1", 50123) == "127.0.0.1:50123"
+    assert peer_text("::1", 50123) == "[::1]:50123"
+    assert peer_text("fe80::1%eth0", 1688) == "[fe80::1%eth0]:1688"
+    assert peer_text('fe80::1%e"x=\x1b', 1688) == "[fe80::1%e?x??]:1688"
+
+
 def test_below_the_level_nothing_is_written(monkeypatch: pytest.MonkeyPatch) -> None:
     out = io.StringIO()
     monkeypatch.setattr(sys, "stderr", out)
     logs.configure("console", "warning")
+    assert not logs.info_enabled
     logs.Event(None, "activation", ACTIVATION_KEYS).emit(*ACTIVATION)
     logs.info(None, "activation", {"count": 1})
     assert out.getvalue() == ""
