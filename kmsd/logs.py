@@ -41,14 +41,17 @@ _level = logging.INFO
 _level_name = "info"
 info_enabled = True
 """Whether info lines are written (the level is info or debug): a test cheaper than a call."""
+debug_enabled = False
+"""Whether debug lines are written."""
 
 
 def set_level(level: str) -> None:
     """Change the least important level logged, for every logger, cached or not."""
-    global _level, _level_name, _generation, info_enabled
+    global _level, _level_name, _generation, info_enabled, debug_enabled
     _generation = object()
     _level = logging.getLevelNamesMapping()[level.upper()]
     info_enabled = _level <= logging.INFO
+    debug_enabled = _level <= logging.DEBUG
     for name, method in _level_methods(_level).items():
         setattr(_Logger, name, method)
     _level_name = level

@@ -313,7 +313,7 @@ class _KmsProtocol(asyncio.Protocol):
         self.last_seen = now
         if server._sweeper is None:
             server.watch(loop)
-        if logs.current_level() == "debug":  # not even the call when nobody reads it
+        if logs.debug_enabled:  # not even the call when nobody reads it
             log.debug("connection opened", client=self.peer)
 
     def check_time(self, now: float) -> None:
@@ -660,5 +660,5 @@ class _KmsProtocol(asyncio.Protocol):
             admission.release(self.source, self)
             if not admission.open:
                 self.server.all_closed.set()
-            if logs.current_level() == "debug":
+            if logs.debug_enabled:
                 log.debug("connection closed", client=self.peer)
