@@ -277,15 +277,17 @@ def _write_changes(db: sqlite3.Cursor, changes: list[_Change]) -> None:
     a record dropped after its last write in the run leaves the table. Within one change
     the drops come first: a client whose own record expired is recorded again."""
     db.executemany(_UPSERT_CLIENT, [c.row for c in changes])
-    written = {c.key: i for i, c in enumerate(changes)}
     dropped: dict[tuple[str, str], int] = {}
+    apps: dict[str, tuple[int, int]] = {}
     for i, change in enumerate(changes):
         for client in change.dropped:
             dropped[(change.key[0], guid_text(client))] = i
-    gone = [key for key, i in dropped.items() if i > written.get(key, -1)]
-    if gone:
+        if change.app:
+            apps[change.key[0]] = change.app
+    if dropped:  # (seldom: most drops are the oldest record, which low_seq takes out)
+        written = {c.key: i for i, c in enumerate(changes)}
+        gone = [key for key, i in dropped.items() if i > written.get(key, -1)]
         db.executemany(_DROP, gone)
-    apps = {c.key[0]: c.app for c in changes if c.app}
     if apps:
         db.executemany(
             "INSERT INTO apps (application, capacity, low_seq) VALUES (?, ?, ?) ON CONFLICT "
