@@ -60,7 +60,7 @@ _activation = logs.Event(
     ),
     ("kms_id", "below_threshold", "rule"),
     varying=("client", "cmid", "workstation"),
-    plain=("client", "cmid"),  # an address and port (see connection_made), a GUID's text
+    plain=("client", "cmid"),  # an address and port (peer_text), a GUID's text
 )
 
 BACKLOG = 1024  # connections the kernel queues before kmsd accepts them
