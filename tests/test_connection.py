@@ -10,7 +10,15 @@ import pytest
 from kmsd.metrics import Metrics
 from kmsd.protocol import ndr
 from kmsd.protocol.client import BindOptions, RpcClient, base_request
-from kmsd.protocol.connection import AssociationGroups, Call, Close, Event, Send, ServerConnection
+from kmsd.protocol.connection import (
+    AssociationGroups,
+    BindAnswers,
+    Call,
+    Close,
+    Event,
+    Send,
+    ServerConnection,
+)
 from kmsd.protocol.errors import FaultStatus, HResult
 from kmsd.protocol.kms import encode_request
 from kmsd.protocol.products import products
@@ -357,3 +365,21 @@ def test_a_call_says_the_kms_version_it_claims(
     metrics = Metrics()
     metrics.refusal(HResult.INVALID_DATA, call.version, "127.0.0.1", 0.0)
     assert list(metrics.activations) == [("unknown", "unknown", label, "refused-0x8007000D")]
+
+
+def test_a_remembered_bind_is_answered_only_where_everything_it_was_answered_for_holds() -> None:
+    """The memo finds a bind by its contexts; the answer is reused only when the rest of
+    the bind (flags, fragment sizes) and the connection's port are those it was made for."""
+    memo = BindAnswers()
+    plain = RpcClient(BindOptions(multiplex=False)).bind()
+    multiplexed = RpcClient(BindOptions(multiplex=True)).bind()
+    assert plain[24:] == multiplexed[24:] and plain[:12] != multiplexed[:12]
+    other_sizes = plain[:16] + struct.pack("<HH", 4280, 4280) + plain[20:]
+    assert other_sizes != plain
+    for port in (1688, 1688, 50000, 1688):
+        for bind in (plain, multiplexed, other_sizes, plain):
+            fresh = ServerConnection(port=port, groups=AssociationGroups(7)).feed(bind)
+            remembered = ServerConnection(port=port, groups=AssociationGroups(7), answers=memo)
+            assert remembered.feed(bind) == fresh
+            assert isinstance(fresh[0], Send) and str(port).encode() in fresh[0].data
+    assert len(memo) == 1  # one set of contexts: each bind took the place of the last

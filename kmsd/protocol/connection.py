@@ -141,29 +141,36 @@ class _Partial:
     dropped: bool = False  # refused already; its remaining fragments are skipped
 
 
-_Answer = tuple[bytes, tuple[tuple[int, bool], ...]]  # the ack, the contexts it accepted
+# A bind's answer: the bind's first 12 bytes and bytes 16:20, the connection's secondary
+# address; the ack's bytes 0:12, 16:20 and 24: (around the call id and the group); the
+# contexts it accepted (id, is NDR64).
+_Answer = tuple[bytes, bytes, bytes, bytes, bytes, bytes, tuple[tuple[int, bool], ...]]
 
 
 class BindAnswers(dict[bytes, _Answer]):
     """Answers to binds already negotiated, shared by the connections of one server.
 
     A bind's answer depends only on its own bytes (but for its call id and requested
-    association group) and on the server's settings, which are the same for every
-    connection of a server; real clients send the same few binds over and over. So each
-    answer is kept as the bytes of the ack and the contexts it accepted, and the next
-    identical bind is answered by patching in its call id and association group, without
-    parsing or negotiating again. At most `size` answers are kept. (A dict itself, so that
-    looking an answer up is dict.get, no Python call.)
+    association group), on the connection's port and on the server's settings, which are
+    the same for every connection of a server; real clients send the same few binds over
+    and over. So each answer is kept, under the bind's bytes from 24 on (its contexts), with
+    the rest of the bind it answers and the parts of the ack around the call id and the
+    group; the next identical bind is answered by putting its call id and association group
+    in between, without parsing or negotiating again. At most `size` answers are kept. (A
+    dict itself, so that looking an answer up is dict.get, no Python call.)
     """
 
     def __init__(self, size: int = 256) -> None:
         super().__init__()
         self.size = size
 
-    def put(self, key: bytes, ack: bytes, accepted: tuple[tuple[int, bool], ...]) -> None:
+    def put(
+        self, bind: bytes, sec_addr: bytes, ack: bytes, accepted: tuple[tuple[int, bool], ...]
+    ) -> None:
         if len(self) >= self.size:
             self.clear()  # binds nobody sends twice (a fuzzer): start afresh
-        self[key] = (ack, accepted)
+        around = (ack[:12], ack[16:20], ack[24:])
+        self[bind[24:]] = (bind[:12], bind[16:20], sec_addr, *around, accepted)
 
 
 class ServerConnection:
@@ -247,15 +254,23 @@ class ServerConnection:
     def _handle(self, data: bytes) -> list[Event]:
         """One whole PDU (exactly frag_length bytes)."""
         ptype = data[2]
-        key = b""
         if ptype in _BINDS and self._answers is not None:
-            # Everything but the call id (12:16) and the requested group (20:24). Only binds
-            # that passed the checks below are remembered, and bytes 0:12 (version,
-            # auth_length) are in the key, so a bind found here passes them too.
-            key = self._sec_addr + data[:12] + data[16:20] + data[24:]
-            known = self._answers.get(key)
+            # Everything but the call id (12:16) and the requested group (20:24) is compared.
+            # Only binds that passed the checks below are remembered, and bytes 0:12
+            # (version, auth_length) are compared, so a bind found here passes them too.
+            known = self._answers.get(data[24:])
             if known is not None:
-                return [self._bind_again(data, *known)]
+                head, middle, sec_addr, ack_head, ack_middle, ack_tail, accepted = known
+                if (
+                    data.startswith(head)
+                    and data.startswith(middle, 16)
+                    and sec_addr == self._sec_addr
+                ):
+                    if not self._group:
+                        self._group = self._groups.join(int.from_bytes(data[20:24], "little"))
+                    self._contexts.update(accepted)
+                    group = self._group.to_bytes(4, "little")
+                    return [Send(b"".join((ack_head, data[12:16], ack_middle, group, ack_tail)))]
         h = parse_header(data)
         is_bind = h.ptype in (PType.BIND, PType.ALTER_CONTEXT)
         if h.version != RPC_VERSION:
@@ -285,7 +300,7 @@ class ServerConnection:
         if isinstance(pdu, Bind):
             ack, accepted = self._bind(pdu)
             if self._answers is not None:
-                self._answers.put(key, ack, accepted)
+                self._answers.put(data, self._sec_addr, ack, accepted)
             return [Send(ack)]
         if isinstance(pdu, Request):
             return self._request(pdu)
@@ -328,14 +343,6 @@ class ServerConnection:
             alter=bind.alter,
         )
         return ack.encode(), tuple(accepted)
-
-    def _bind_again(self, data: bytes, ack: bytes, accepted: tuple[tuple[int, bool], ...]) -> Send:
-        """Answer a bind identical to one answered before (BindAnswers)."""
-        if not self._group:
-            self._group = self._groups.join(int.from_bytes(data[20:24], "little"))
-        self._contexts.update(accepted)
-        group = self._group.to_bytes(4, "little")
-        return Send(b"".join((ack[:12], data[12:16], ack[16:20], group, ack[24:])))
 
     def _negotiate(
         self, abstract: Syntax, transfers: tuple[Syntax, ...], ndr64_possible: bool
