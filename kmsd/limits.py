@@ -81,7 +81,7 @@ class Admission(Generic[C]):
         # connections -> addresses with that many, in the order they came to have it
         self._by_count: dict[int, dict[str, None]] = {}
         self._most = 0  # connections of the address with the most
-        self._total = 0
+        self.open = 0  # connections registered
 
     def admit(
         self, address: str, conn: C, now: float, source_key: str | None = None
@@ -96,10 +96,10 @@ class Admission(Generic[C]):
         if source is not None and source.connections >= self.max_per_ip:
             return Refusal.PER_ADDRESS_LIMIT, None
         victim = None
-        if self._total >= self.max_connections:
+        if self.open >= self.max_connections:
             victim = self._victim(address)
             source = self._sources.get(address)  # the victim may have been its last
-        self._total += 1
+        self.open += 1
         if source is None:  # the usual case, its _counted(address, 0, 1) written out
             source = self._sources[address] = _Source(self._burst, now)
             source.unserved[conn] = None
@@ -161,7 +161,7 @@ class Admission(Generic[C]):
             return False
         if source.unserved.pop(conn, False) is False and source.served.pop(conn, False) is False:
             return False
-        self._total -= 1
+        self.open -= 1
         if source.connections == 1:  # the usual case, its _counted(key, 1, 0) written out
             del self._sources[key]
             ones = self._by_count[1]
@@ -203,7 +203,3 @@ class Admission(Generic[C]):
         for source in self._sources.values():
             yield from source.unserved
             yield from source.served
-
-    @property
-    def open(self) -> int:
-        return self._total

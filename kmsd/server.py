@@ -113,7 +113,8 @@ class KmsServer:
         self.settings = settings
         self.clock = clock
         self.store = store
-        self.all_closed = asyncio.Event()  # set when the last connection closes
+        # While drained() waits: set when the last connection closes.
+        self.all_closed: asyncio.Event | None = None
         self.groups = AssociationGroups(settings.groups_seed)
         self.bind_answers = BindAnswers()
         self.admission: Admission[_KmsProtocol] = Admission(
@@ -191,12 +192,14 @@ class KmsServer:
     async def drained(self, timeout: float = DRAIN_SECONDS) -> None:
         """Wait until every connection is closed (after stop() and the store's last commit)."""
         if self.connections:
-            self.all_closed.clear()
+            self.all_closed = asyncio.Event()
             try:
                 await asyncio.wait_for(self.all_closed.wait(), timeout)
             except TimeoutError:
                 for conn in list(self.connections):
                     conn.transport.abort()
+            finally:
+                self.all_closed = None
 
     @property
     def connections(self) -> list[_KmsProtocol]:
@@ -262,6 +265,7 @@ def _listen(ip: str, port: int) -> socket.socket:
 
 class _KmsProtocol(asyncio.Protocol):
     transport: asyncio.Transport
+    loop_time: Callable[[], float]  # the loop's time(), from connection_made on
 
     def __init__(self, server: KmsServer, port: int | None) -> None:
         """`port`: the listening socket's, when known (else asked of each connection)."""
@@ -288,6 +292,7 @@ class _KmsProtocol(asyncio.Protocol):
             address = self.address = peer[0]
             self.peer = peer_text(address, peer[1])
         loop = asyncio.get_running_loop()
+        self.loop_time = loop.time
         now = loop.time()
         source = self.source = source_of(self.address)
         refused, victim = server.admission.admit(self.address, self, now, source)
@@ -337,7 +342,7 @@ class _KmsProtocol(asyncio.Protocol):
         conn = self.conn
         if conn is None or self.closing:
             return
-        now = self.last_seen = asyncio.get_running_loop().time()
+        now = self.last_seen = self.loop_time()
         if self.fresh:
             self.fresh = False
             if self.server.rules.binds and self._refuse_bind(data):
@@ -658,7 +663,7 @@ class _KmsProtocol(asyncio.Protocol):
             self.conn.close()
             admission = self.server.admission
             admission.release(self.source, self)
-            if not admission.open:
+            if not admission.open and self.server.all_closed is not None:
                 self.server.all_closed.set()
             if logs.debug_enabled:
                 log.debug("connection closed", client=self.peer)
