@@ -87,6 +87,25 @@ async def test_idle_connection_is_closed() -> None:
         await srv.stop()
 
 
+async def test_drained_returns_when_the_last_connection_closes() -> None:
+    """stop() closes the open connections; drained() wakes at the last close, not at its
+    timeout (which aborts what is left)."""
+    assert WIN
+    srv = KmsServer(make_host(), server_settings())
+    await srv.start()
+    conn = await KmsConnection.open(*addr(srv))
+    assert (await conn.activate(base_request(WIN))).base.count == 1
+    await srv.stop()
+    assert srv.connections  # closing, not closed yet
+    waiting = asyncio.create_task(srv.drained(timeout=3600))
+    # every close happens within a few turns of the loop; waiting 100 would mean a stall
+    async with asyncio.timeout(100):
+        await waiting
+    assert not srv.connections and srv.all_closed is None
+    assert await read_until_eof(conn.reader) == b""  # closed in order, not aborted
+    await conn.close()
+
+
 async def test_a_connection_beyond_the_limit_takes_the_place_of_the_oldest_idle() -> None:
     assert WIN
     srv = KmsServer(make_host(), server_settings(max_connections=2))
