@@ -97,10 +97,9 @@ async def test_drained_returns_when_the_last_connection_closes() -> None:
     assert (await conn.activate(base_request(WIN))).base.count == 1
     await srv.stop()
     assert srv.connections  # closing, not closed yet
-    waiting = asyncio.create_task(srv.drained(timeout=3600))
-    # every close happens within a few turns of the loop; waiting 100 would mean a stall
+    # every close happens within a few turns of the loop; waiting 100 s would mean a stall
     async with asyncio.timeout(100):
-        await waiting
+        await srv.drained(timeout=3600)
     assert not srv.connections and srv.all_closed is None
     assert await read_until_eof(conn.reader) == b""  # closed in order, not aborted
     await conn.close()
