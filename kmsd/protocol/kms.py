@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import struct
+from codecs import utf_16_le_decode as _utf16le_decode
 from dataclasses import dataclass, field
 from uuid import UUID
 
@@ -70,7 +71,9 @@ def _utf16z_decode(raw: bytes) -> str:
     """Decode UTF-16LE up to the first NUL code unit (bytes after it may be garbage:
     decoding them cannot change what comes before, as `replace` never raises and a
     NUL code unit never completes a surrogate pair)."""
-    return raw[: len(raw) & ~1].decode("utf-16-le", errors="replace").partition("\x00")[0]
+    # (the codec's function itself: bytes.decode("utf-16-le") finds it in the registry and
+    # calls it through encodings.utf_16_le, a Python function, each time)
+    return _utf16le_decode(raw[: len(raw) & ~1], "replace", True)[0].partition("\x00")[0]
 
 
 @dataclass(slots=True)  # made per request; not frozen, whose __init__ costs 3x
