@@ -220,9 +220,7 @@ class LineWriter:
                 self.file.write(line)
                 self.file.flush()
                 return
-            data = line.encode(self.encoding, self.errors)
-            while data:
-                data = data[os.write(self.fd, data) :]
+            _write_all(self.fd, line.encode(self.encoding, self.errors))
 
     def msg(self, message: str) -> None:
         self.write(message + "\n")
@@ -347,7 +345,7 @@ class _FlatRenderer:
         write = ["out.write(line)", "out.flush()"]
         if writer.fd >= 0:
             write = [*encode, "sent = write(fd, data)", "if sent != len(data):"]
-            write.append("    _rest(fd, data[sent:])")  # (seldom: a pipe nearly full)
+            write.append("    _write_all(fd, data[sent:])")  # (seldom: a pipe nearly full)
         source = [
             "def make(event, generation, acquire, release, write, fd, encoding, errors, out):",
             "    base = -2 * _SECOND  # the first ns of the second in `second`",
@@ -407,8 +405,8 @@ def _joined(before: str, value: str, after: str) -> str:
     return " + ".join(parts)
 
 
-def _rest(fd: int, data: bytes) -> None:
-    """Write what a first write() left of a line."""
+def _write_all(fd: int, data: bytes) -> None:
+    """Write `data` whole (a write() to a pipe nearly full takes only part of it)."""
     while data:
         data = data[os.write(fd, data) :]
 
